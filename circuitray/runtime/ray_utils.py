@@ -1,0 +1,71 @@
+"""Starting (or joining) Ray and waiting on many tasks with visible progress."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TextIO
+
+import ray
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start an embedded local Ray.
+
+    Under `ray job submit` RAY_ADDRESS is set and the job joins the cluster; on a laptop a
+    local Ray with no dashboard starts, so one machine needs no setup.
+    """
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env_vars = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "MLFLOW_DISABLE_TELEMETRY")
+                if k in os.environ}
+    runtime_env = {"env_vars": env_vars} if env_vars else None
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 runtime_env=runtime_env, log_to_driver=True)
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def iter_completed(refs: Sequence[ray.ObjectRef], label: str,
+                   stream: TextIO | None = None) -> Iterator[tuple[int, Any]]:
+    """Yield (index, result) as tasks finish, printing `label: done/total, elapsed, ETA`.
+
+    Exceptions raised by a task propagate from here; callers that must go on past a
+    failed task catch inside the task and return the error as data.
+    """
+    stream = stream or sys.stderr
+    index = {ref: i for i, ref in enumerate(refs)}
+    pending = list(refs)
+    total, done, start = len(refs), 0, time.monotonic()
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        for ref in ready:
+            done += 1
+            elapsed = time.monotonic() - start
+            eta = elapsed / done * (total - done)
+            print(f"[{label}] {done}/{total} done, {_fmt_seconds(elapsed)} elapsed, "
+                  f"ETA {_fmt_seconds(eta)}", file=stream, flush=True)
+            yield index[ref], ray.get(ref)
+
+
+def run_all(fn: Callable[..., Any], args: Sequence[tuple], label: str, *,
+            num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 2) -> list[Any]:
+    """Run `fn(*a)` as one Ray task per `a`, with resources and retries; results in order."""
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)(fn)
+    refs = [remote.remote(*a) for a in args]
+    results: list[Any] = [None] * len(refs)
+    for i, value in iter_completed(refs, label):
+        results[i] = value
+    return results
