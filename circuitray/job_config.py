@@ -1,0 +1,174 @@
+"""Typed configuration of the whole job (discover -> reduce -> MLflow), loaded from conf/*.yaml.
+
+Validated by `circuitray.config.load_config` before any work starts: an unknown key or a
+wrong type fails naming the dotted key. `check_job_config` adds the cross-field checks
+(overlapping corruption kinds, a fraction of a GPU above 1, ...) that a type cannot express.
+Paths are made absolute at load time because under `ray job submit` the driver's working
+directory is a throwaway copy of the repository.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from circuitray.config import load_config
+from circuitray.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Which domains every checkpoint is run on, and how many examples each gets."""
+
+    root: str | None = None  # data root for manifest rows without a data_root column
+    id_domain: str | None = None  # overrides the manifest's id_domain (reference circuit)
+    ood_domains: list[str] = field(default_factory=list)  # empty: the manifest's ood_domain
+    limit: int | None = 256  # examples per domain for the outputs table (None: all)
+    attribution_limit: int | None = 64  # examples per domain for circuits (None: = limit)
+    batch_size: int = 32
+    # Post-deployment domains: corruptions of the ID split (CSS vs accuracy, alarm targets).
+    shift_kinds: list[str] = field(
+        default_factory=lambda: ["gaussian_noise", "defocus_blur", "contrast", "jpeg_compression"])
+    shift_severities: list[int] = field(default_factory=lambda: [1, 3, 5])
+    # Proxy domains for the alarm's threshold: other corruption kinds of the ID split.
+    proxy_kinds: list[str] = field(default_factory=lambda: ["shot_noise", "brightness"])
+    proxy_severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    seed: int = 0
+
+
+@dataclass
+class AttributionConfig:
+    """Arguments of `circuitray.attribute` (DESIGN §2)."""
+
+    method: Literal["eap-ig-inputs", "eap"] = "eap-ig-inputs"
+    ablation: Literal["mean-positional", "mean", "zero"] = "mean-positional"
+    metric: Literal["kl", "logit", "ce"] = "kl"
+    steps: int = 5
+    dtype: Literal["fp32", "bf16", "fp64"] = "fp32"
+    device: str | None = None  # None: cuda when a GPU share is requested, else cpu
+
+
+@dataclass
+class ResourcesConfig:
+    """Ray resources per discover task; fractional GPUs pack small models on one device."""
+
+    address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else local Ray
+    local_num_cpus: int | None = None  # CPUs of an embedded local Ray (None: all)
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_retries: int = 3  # re-runs after a worker/node dies (not after our own errors)
+    torch_threads: int = 1
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: a local sqlite store in the output folder unless `uri` names a server."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "circuitray"
+    run_name: str | None = None
+
+
+@dataclass
+class ReduceConfig:
+    """What the reduce stage computes and draws."""
+
+    taus: list[float] = field(default_factory=lambda: [0.3])
+    targets: list[Literal["out", "deep", "global"]] = field(
+        default_factory=lambda: ["out", "deep", "global"])
+    css_variants: list[str] = field(default_factory=lambda: ["srcc", "pearson", "cosine", "l2"])
+    top_n: int = 200
+    deltas: list[float] = field(default_factory=lambda: [0.8, 0.85, 0.9])
+    n_boot: int = 1000
+    seed: int = 0
+    group_column: str | None = None  # manifest column for within-group correlations
+    figures: bool = True
+
+
+@dataclass
+class JobConfig:
+    """The whole job: a manifest of checkpoints in, Parquet tables + MLflow runs out."""
+
+    manifest: str
+    output_dir: str = "runs/job"
+    name: str = "circuitray"
+    checkpoints: list[str] | None = None  # subset of checkpoint_ids (None: all rows)
+    intermediate: bool = True  # also discover non-final checkpoints (ID+OOD only)
+    stages: list[Literal["discover", "reduce"]] = field(
+        default_factory=lambda: ["discover", "reduce"])
+    data: DataConfig = field(default_factory=DataConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    reduce: ReduceConfig = field(default_factory=ReduceConfig)
+
+
+def _positive(value: float | int | None, key: str, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"config key '{key}': must be {'>= 0' if allow_zero else '> 0'}, "
+                          f"got {value!r}")
+
+
+def check_job_config(cfg: JobConfig) -> JobConfig:
+    """Cross-field checks a type annotation cannot express; raises ConfigError naming the key."""
+    d, r, a = cfg.data, cfg.resources, cfg.attribution
+    _positive(d.limit, "data.limit")
+    _positive(d.attribution_limit, "data.attribution_limit")
+    _positive(d.batch_size, "data.batch_size")
+    _positive(a.steps, "attribution.steps")
+    _positive(r.num_cpus, "resources.num_cpus", allow_zero=True)
+    _positive(r.num_gpus, "resources.num_gpus", allow_zero=True)
+    _positive(r.max_retries, "resources.max_retries", allow_zero=True)
+    _positive(r.torch_threads, "resources.torch_threads")
+    _positive(cfg.reduce.top_n, "reduce.top_n")
+    _positive(cfg.reduce.n_boot, "reduce.n_boot")
+    if r.num_gpus > 1 and r.num_gpus != int(r.num_gpus):
+        raise ConfigError(f"config key 'resources.num_gpus': a share above 1 must be whole, "
+                          f"got {r.num_gpus}")
+    for i, s in enumerate(d.shift_severities):
+        if not 1 <= s <= 5:
+            raise ConfigError(f"config key 'data.shift_severities[{i}]': severity {s} not in 1..5")
+    for i, s in enumerate(d.proxy_severities):
+        if not 1 <= s <= 5:
+            raise ConfigError(f"config key 'data.proxy_severities[{i}]': severity {s} not in 1..5")
+    both = sorted(set(d.shift_kinds) & set(d.proxy_kinds))
+    if both:
+        raise ConfigError(f"config key 'data.proxy_kinds': {both} also in data.shift_kinds; the "
+                          "alarm must be calibrated on corruptions it is not tested on")
+    for i, tau in enumerate(cfg.reduce.taus):
+        if not 0 < tau <= 0.5:
+            raise ConfigError(f"config key 'reduce.taus[{i}]': tau {tau} not in (0, 0.5]")
+    for i, delta in enumerate(cfg.reduce.deltas):
+        if not 0 < delta < 1:
+            raise ConfigError(f"config key 'reduce.deltas[{i}]': {delta} not in (0, 1)")
+    if cfg.attribution.method == "eap" and cfg.attribution.metric == "kl":
+        raise ConfigError("config key 'attribution.metric': 'kl' has zero gradient at the clean "
+                          "end, so method 'eap' cannot use it; use eap-ig-inputs or metric logit")
+    return cfg
+
+
+def _absolute(path: str | None, base: Path) -> str | None:
+    if path is None or "://" in path:
+        return path
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def load_job_config(path: str | Path | None, overrides: Sequence[str] = (), *,
+                    base: str | Path | None = None) -> JobConfig:
+    """Load, validate and absolutize a job config; relative paths resolve against `base` (cwd)."""
+    cfg = load_config(JobConfig, path, overrides)
+    try:
+        check_job_config(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from exc
+    base = Path(base or Path.cwd())
+    data = dataclasses.replace(cfg.data, root=_absolute(cfg.data.root, base))
+    return dataclasses.replace(cfg, manifest=_absolute(cfg.manifest, base),
+                               output_dir=_absolute(cfg.output_dir, base), data=data)

@@ -1,0 +1,110 @@
+"""Configs fail before any work starts, naming the key; overrides and paths behave."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from circuitray.config import build_config, load_config, parse_overrides, to_dict
+from circuitray.errors import ConfigError
+from circuitray.job_config import JobConfig, load_job_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@dataclass
+class Inner:
+    rate: float = 0.1
+    kinds: list[str] = field(default_factory=lambda: ["a"])
+
+
+@dataclass
+class Outer:
+    name: str
+    steps: int = 3
+    inner: Inner = field(default_factory=Inner)
+    path: Path | None = None
+
+
+def test_overrides_are_parsed_as_nested_yaml_values() -> None:
+    assert parse_overrides(["a.b=3", "c=[1, 2]", "d=true", "e=x"]) == {
+        "a": {"b": 3}, "c": [1, 2], "d": True, "e": "x"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["novalue"])
+
+
+def test_build_config_converts_int_to_float_and_builds_sections() -> None:
+    cfg = build_config(Outer, {"name": "n", "inner": {"rate": 1}}, ["steps=7", "path=/x"])
+    assert cfg.inner.rate == 1.0 and isinstance(cfg.inner.rate, float)
+    assert cfg.steps == 7 and cfg.path == Path("/x")
+    assert to_dict(cfg) == {"name": "n", "steps": 7, "inner": {"rate": 1.0, "kinds": ["a"]},
+                            "path": "/x"}
+
+
+@pytest.mark.parametrize(("data", "overrides", "key"), [
+    ({"name": "n", "stepz": 1}, [], "stepz"),
+    ({"name": "n"}, ["inner.rat=0.2"], "inner.rat"),
+    ({"name": "n", "steps": "3"}, [], "steps"),
+    ({"name": "n", "steps": 2.5}, [], "steps"),
+    ({"name": "n", "steps": True}, [], "steps"),
+    ({"name": "n", "inner": {"kinds": "a"}}, [], "inner.kinds"),
+    ({"name": "n", "inner": {"kinds": ["a", 3]}}, [], "inner.kinds[1]"),
+    ({"name": "n", "inner": 5}, [], "inner"),
+    ({}, [], "name"),
+])
+def test_bad_key_or_type_fails_naming_the_key(data: dict, overrides: list[str],
+                                              key: str) -> None:
+    with pytest.raises(ConfigError, match=f"'?{key.replace('[', r'.').replace(']', r'.')}"):
+        build_config(Outer, data, overrides)
+
+
+def test_every_shipped_job_config_validates(tmp_path: Path) -> None:
+    names = ["tiny.yaml", "demo.yaml", "cluster.yaml", "user-data.yaml"]
+    for name in names:
+        cfg = load_job_config(CONF / name, base=tmp_path)
+        assert isinstance(cfg, JobConfig)
+        assert Path(cfg.output_dir).is_absolute() or "://" in cfg.output_dir, name
+        assert Path(cfg.manifest).is_absolute() or "://" in cfg.manifest, name
+
+
+def test_job_config_paths_resolve_against_base(tmp_path: Path) -> None:
+    cfg = load_job_config(None, ["manifest=m.csv", "output_dir=out", "data.root=d"],
+                          base=tmp_path)
+    assert cfg.manifest == str(tmp_path / "m.csv")
+    assert cfg.output_dir == str(tmp_path / "out")
+    assert cfg.data.root == str(tmp_path / "d")
+    remote = load_job_config(None, ["manifest=s3://bucket/m.csv"], base=tmp_path)
+    assert remote.manifest == "s3://bucket/m.csv"
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("resources.num_gpu=0.5", "resources.num_gpu"),
+    ("resources.num_gpus=-1", "resources.num_gpus"),
+    ("resources.num_gpus=1.5", "resources.num_gpus"),
+    ("attribution.method=eap-ig", "attribution.method"),
+    ("data.limit=0", "data.limit"),
+    ("data.shift_severities=[1, 6]", "data.shift_severities[1]"),
+    ("data.proxy_kinds=[gaussian_noise]", "data.proxy_kinds"),
+    ("reduce.taus=[0.7]", "reduce.taus[0]"),
+    ("stages=[discover, train]", "stages[1]"),
+])
+def test_job_config_errors_name_the_key(tmp_path: Path, override: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_job_config(CONF / "tiny.yaml", [override], base=tmp_path)
+    assert f"'{key}'" in str(info.value) and "tiny.yaml" in str(info.value)
+
+
+def test_fractional_gpu_share_is_accepted(tmp_path: Path) -> None:
+    cfg = load_job_config(CONF / "tiny.yaml", ["resources.num_gpus=0.25"], base=tmp_path)
+    assert cfg.resources.num_gpus == 0.25
+
+
+def test_missing_or_invalid_yaml_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(JobConfig, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*mapping"):
+        load_config(JobConfig, bad)
