@@ -1,0 +1,318 @@
+"""Discover (the map stage): one Ray task per checkpoint, all of its domains, Parquet out.
+
+Each task loads its model once, then for every domain (ID, OOD, post-deployment corruptions
+of the ID split, alarm proxies) writes the circuit (edges) and the per-example outputs, each
+atomically, then a completion marker. A re-run skips checkpoints with a marker and, inside a
+retried checkpoint, domains whose two files exist, so a worker killed mid-run costs only the
+domain it was on and no file is ever written twice. Errors of a checkpoint (bad weights,
+unreadable data) are caught in the task and come back as a failure row: one bad checkpoint
+never stops the job. Ray's `max_retries` covers what cannot be caught: a dead worker or node.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from circuitray.job_config import JobConfig
+from circuitray.runtime.layout import DOMAIN_SCHEMA, JobLayout
+from circuitray.tables import EDGE_SCHEMA, FAILURE_SCHEMA, OUTPUT_SCHEMA, write_parquet_atomic
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    """One domain a checkpoint is run on, and where its images come from."""
+
+    name: str
+    role: str  # id | ood | shift | proxy
+    source: str
+    kind: str | None = None
+    severity: int | None = None
+
+
+@dataclass
+class DiscoverSummary:
+    """What a discover run did, for the log, the pipeline and the benchmark."""
+
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        return (f"discover: {len(self.done)} computed, {len(self.skipped)} already complete, "
+                f"{len(self.failed)} failed in {self.seconds:.1f}s")
+
+
+class _StageError(Exception):
+    """Carries the stage a checkpoint failed in (load, data, outputs, attribute, write)."""
+
+    def __init__(self, stage: str, error: BaseException):
+        super().__init__(str(error))
+        self.stage, self.error = stage, error
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value.item() if hasattr(value, "item") else value
+
+
+def manifest_rows(cfg: JobConfig) -> list[dict[str, Any]]:
+    """The manifest's checkpoints this job covers, as plain dicts (NaN -> None)."""
+    from circuitray.models import read_manifest
+
+    df = read_manifest(cfg.manifest)
+    if cfg.checkpoints is not None:
+        unknown = sorted(set(cfg.checkpoints) - set(df["checkpoint_id"]))
+        if unknown:
+            from circuitray.errors import ConfigError
+
+            raise ConfigError(f"config key 'checkpoints': {unknown} not in {cfg.manifest}")
+        df = df[df["checkpoint_id"].isin(cfg.checkpoints)]
+    rows = [{k: _clean(v) for k, v in r.items()} for r in df.to_dict(orient="records")]
+    if not cfg.intermediate:
+        rows = [r for r in rows if is_final(r)]
+    return rows
+
+
+def is_final(row: Mapping[str, Any]) -> bool:
+    """Rows without a `final` column are final; intermediate ones say final = false."""
+    value = row.get("final")
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no")
+    return bool(value)
+
+
+def domain_specs(row: Mapping[str, Any], cfg: JobConfig) -> list[DomainSpec]:
+    """ID first (the reference circuit for CSS), then OOD, shifts and proxies (final only)."""
+    from circuitray.errors import DataError
+
+    d = cfg.data
+    id_domain = d.id_domain or row.get("id_domain")
+    if not id_domain:
+        raise DataError(cfg.manifest, f"checkpoint '{row['checkpoint_id']}' has no id_domain "
+                                      "(manifest column or data.id_domain)")
+    specs = [DomainSpec(str(id_domain), "id", str(id_domain))]
+    oods = list(d.ood_domains) or ([row["ood_domain"]] if row.get("ood_domain") else [])
+    specs += [DomainSpec(str(o), "ood", str(o)) for o in oods]
+    if not is_final(row):
+        return specs
+    for role, kinds, sevs in (("shift", d.shift_kinds, d.shift_severities),
+                              ("proxy", d.proxy_kinds, d.proxy_severities)):
+        specs += [DomainSpec(f"{role}:{k}:{s}", role, str(id_domain), k, s)
+                  for k in kinds for s in sevs]
+    return specs
+
+
+def _data_root(row: Mapping[str, Any], cfg: JobConfig) -> str:
+    from circuitray.errors import DataError
+
+    root = row.get("data_root") or cfg.data.root
+    if not root:
+        raise DataError(cfg.manifest, f"checkpoint '{row['checkpoint_id']}' has no data_root "
+                                      "(manifest column or data.root)")
+    return str(root)
+
+
+def _device(cfg: JobConfig) -> str:
+    if cfg.attribution.device:
+        return cfg.attribution.device
+    import torch
+
+    return "cuda" if cfg.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def _loaders(spec: DomainSpec, root: str, transform: Any, cfg: JobConfig) -> tuple[Any, Any]:
+    """(outputs loader, attribution loader) over the same seeded subset of the domain."""
+    from circuitray.data.datasets import DomainFolderDataset, make_loader
+
+    d = cfg.data
+    base = DomainFolderDataset(root, spec.source, transform=transform)
+    data = base
+    if spec.kind is not None:
+        from circuitray.data.shifts import ShiftedDataset
+
+        data = ShiftedDataset(base, spec.kind, spec.severity, seed=d.seed)
+    n_out = d.limit
+    n_att = d.attribution_limit if d.attribution_limit is not None else n_out
+    if n_out is not None and n_att is not None:
+        n_att = min(n_att, n_out)
+    out = make_loader(data, d.batch_size, limit=n_out, shuffle=n_out is not None, seed=d.seed)
+    att = make_loader(data, d.batch_size, limit=n_att, shuffle=n_att is not None, seed=d.seed)
+    return out, att
+
+
+def _run_domain(model: Any, spec: DomainSpec, row: Mapping[str, Any], root: str, transform: Any,
+                cfg: JobConfig, layout: JobLayout, device: str) -> dict[str, Any]:
+    """Write one domain's edges and outputs (atomically); return its DOMAIN_SCHEMA row."""
+    import circuitray
+    from circuitray.outputs import model_outputs
+
+    task, cid = str(row["task"]), str(row["checkpoint_id"])
+    e_path = layout.edges_file(task, cid, spec.name)
+    o_path = layout.outputs_file(task, cid, spec.name)
+    info = {"task": task, "checkpoint": cid, "domain": spec.name, "role": spec.role,
+            "source": spec.source, "kind": spec.kind, "severity": spec.severity}
+    if e_path.exists() and o_path.exists():  # written by an attempt that was killed later
+        n_out = pq.read_metadata(o_path).num_rows
+        n_att = pq.read_table(e_path, columns=["n_examples"]).column(0)[0].as_py()
+        return {**info, "n_examples": n_out, "n_attributed": n_att, "seconds": 0.0,
+                "resumed": True}
+    start = time.perf_counter()
+    try:
+        out_loader, att_loader = _loaders(spec, root, transform, cfg)
+    except Exception as exc:
+        raise _StageError("data", exc) from exc
+    try:
+        outputs = model_outputs(model, out_loader, task=task, checkpoint=cid,
+                                domain=spec.name, device=device)
+    except Exception as exc:
+        raise _StageError("outputs", exc) from exc
+    a = cfg.attribution
+    try:
+        scores = circuitray.attribute(model, att_loader, method=a.method, ablation=a.ablation,
+                                      metric=a.metric, steps=a.steps, device=device,
+                                      dtype=a.dtype)
+        edges = scores.to_table(task, cid, spec.name)
+    except Exception as exc:
+        raise _StageError("attribute", exc) from exc
+    try:
+        write_parquet_atomic(edges, e_path, EDGE_SCHEMA)
+        write_parquet_atomic(outputs, o_path, OUTPUT_SCHEMA)
+    except Exception as exc:
+        raise _StageError("write", exc) from exc
+    return {**info, "n_examples": outputs.num_rows, "n_attributed": int(scores.n_examples),
+            "seconds": time.perf_counter() - start, "resumed": False}
+
+
+def discover_checkpoint(row: Mapping[str, Any], cfg: JobConfig) -> dict[str, Any]:
+    """Everything for one checkpoint; runs inside a Ray task (or inline in tests).
+
+    Returns {"checkpoint", "status": "done" | "skipped" | "failed", "seconds", and for a
+    failure "stage", "error_type", "error"}; never raises for a checkpoint's own errors.
+    """
+    import torch
+
+    torch.set_num_threads(cfg.resources.torch_threads)
+    layout = JobLayout.of(cfg.output_dir)
+    cid = str(row["checkpoint_id"])
+    start = time.perf_counter()
+    if layout.is_complete(cid):
+        return {"checkpoint": cid, "status": "skipped", "seconds": 0.0}
+    running = layout.running_file(cid)
+    running.parent.mkdir(parents=True, exist_ok=True)
+    running.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                   "started": time.time()}))
+    try:
+        try:
+            from circuitray.models import load_checkpoint
+
+            device = _device(cfg)
+            model = load_checkpoint(row).to(device)
+        except Exception as exc:
+            raise _StageError("load", exc) from exc
+        try:
+            from circuitray.data.datasets import eval_transform
+
+            specs = domain_specs(row, cfg)
+            transform = eval_transform(model)
+            root = _data_root(row, cfg)
+        except Exception as exc:
+            raise _StageError("data", exc) from exc
+        rows = []
+        for spec in specs:
+            rows.append(_run_domain(model, spec, row, root, transform, cfg, layout, device))
+            print(f"[discover {cid}] {spec.name}: {rows[-1]['n_examples']} examples, "
+                  f"{rows[-1]['seconds']:.1f}s{' (resumed)' if rows[-1]['resumed'] else ''}",
+                  file=sys.stderr, flush=True)
+        write_parquet_atomic(pa.Table.from_pylist(rows, schema=DOMAIN_SCHEMA),
+                             layout.marker(cid))
+        return {"checkpoint": cid, "status": "done", "seconds": time.perf_counter() - start}
+    except _StageError as exc:
+        err = exc.error
+        return {"checkpoint": cid, "status": "failed", "stage": exc.stage,
+                "error_type": type(err).__name__,
+                "error": f"{err}\n{''.join(traceback.format_exception(err)[-3:])}".strip(),
+                "seconds": time.perf_counter() - start}
+    finally:
+        running.unlink(missing_ok=True)
+
+
+def record_result(layout: JobLayout, result: Mapping[str, Any]) -> None:
+    """Failures go to failures/<checkpoint>.parquet; a later success removes that file."""
+    path = layout.failure_file(result["checkpoint"])
+    if result["status"] == "failed":
+        write_parquet_atomic(pa.Table.from_pylist(
+            [{k: result[k] for k in FAILURE_SCHEMA.names}], schema=FAILURE_SCHEMA), path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def run_discover(cfg: JobConfig, rows: Iterable[Mapping[str, Any]] | None = None
+                 ) -> DiscoverSummary:
+    """Submit one Ray task per incomplete checkpoint and wait, with counts and ETA."""
+    import ray
+
+    from circuitray.runtime.ray_utils import ensure_ray, iter_completed
+
+    start = time.perf_counter()
+    layout = JobLayout.of(cfg.output_dir)
+    rows = list(manifest_rows(cfg) if rows is None else rows)
+    summary = DiscoverSummary()
+    todo = []
+    for row in rows:
+        cid = str(row["checkpoint_id"])
+        if layout.is_complete(cid):
+            summary.skipped.append(cid)
+        else:
+            todo.append(row)
+    print(f"[discover] {len(rows)} checkpoints: {len(summary.skipped)} already complete, "
+          f"{len(todo)} to run", file=sys.stderr, flush=True)
+    if todo:
+        r = cfg.resources
+        ensure_ray(r.address, r.local_num_cpus)
+        task = ray.remote(num_cpus=r.num_cpus, num_gpus=r.num_gpus,
+                          max_retries=r.max_retries)(discover_checkpoint)
+        cfg_ref = ray.put(cfg)
+        refs = [task.remote(row, cfg_ref) for row in todo]
+        for _, result in iter_completed(refs, "discover"):
+            record_result(layout, result)
+            {"done": summary.done, "skipped": summary.skipped,
+             "failed": summary.failed}[result["status"]].append(result["checkpoint"])
+            if result["status"] == "failed":
+                print(f"[discover] FAILED {result['checkpoint']} at {result['stage']}: "
+                      f"{result['error'].splitlines()[0]}", file=sys.stderr, flush=True)
+    summary.seconds = time.perf_counter() - start
+    print(str(summary), file=sys.stderr, flush=True)
+    return summary
+
+
+def read_domains(layout: JobLayout) -> pd.DataFrame:
+    """All completion markers as one DOMAIN_SCHEMA frame (empty if none)."""
+    files = sorted(layout.checkpoints.glob("*.parquet")) if layout.checkpoints.exists() else []
+    if not files:
+        return DOMAIN_SCHEMA.empty_table().to_pandas()
+    return pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
+
+
+def read_failures(layout: JobLayout) -> pd.DataFrame:
+    """The failures table (empty with FAILURE_SCHEMA columns if none)."""
+    files = sorted(layout.failures.glob("*.parquet")) if layout.failures.exists() else []
+    if not files:
+        return FAILURE_SCHEMA.empty_table().to_pandas()
+    return pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()

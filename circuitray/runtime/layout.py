@@ -1,0 +1,112 @@
+"""Where every table of a job lives under its output folder (DESIGN §6).
+
+    <out>/edges/<task>/<checkpoint>/<domain>.parquet     one circuit (EDGE_SCHEMA)
+    <out>/outputs/<task>/<checkpoint>/<domain>.parquet   per-example outputs (OUTPUT_SCHEMA)
+    <out>/checkpoints/<checkpoint>.parquet               completion marker: one row per domain
+    <out>/failures/<checkpoint>.parquet                  why a checkpoint failed (FAILURE_SCHEMA)
+    <out>/running/<checkpoint>.json                      the worker (host, pid) on it right now
+    <out>/metrics/, <out>/evaluation/, <out>/figures/    reduce outputs
+    <out>/mlflow.db, <out>/mlartifacts/                  the default MLflow store
+
+A checkpoint is complete exactly when its marker exists; the marker is written (atomically)
+after all its domain files, so a re-run trusts it and recomputes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
+
+# One row per (checkpoint, domain) a checkpoint was run on: what reduce needs to tell ID,
+# OOD, post-deployment shifts and alarm proxies apart, plus per-domain cost.
+DOMAIN_SCHEMA = pa.schema(
+    [
+        ("task", pa.string()),
+        ("checkpoint", pa.string()),
+        ("domain", pa.string()),
+        ("role", pa.string()),  # id | ood | shift | proxy
+        ("source", pa.string()),  # the domain folder the images come from
+        ("kind", pa.string()),  # corruption kind (null for id/ood)
+        ("severity", pa.int64()),
+        ("n_examples", pa.int64()),
+        ("n_attributed", pa.int64()),
+        ("seconds", pa.float64()),
+        ("resumed", pa.bool_()),  # computed by an earlier attempt of this checkpoint
+    ]
+)
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe form of an id; ids that needed changes get a short hash (no clashes)."""
+    clean = _UNSAFE.sub("_", name)
+    if clean != name or clean.startswith("."):
+        clean = f"{clean.lstrip('.')}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return clean
+
+
+@dataclass(frozen=True)
+class JobLayout:
+    """Paths of one job's output folder."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, output_dir: str | Path) -> JobLayout:
+        return cls(Path(output_dir).resolve())
+
+    @property
+    def edges(self) -> Path:
+        return self.root / "edges"
+
+    @property
+    def outputs(self) -> Path:
+        return self.root / "outputs"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def failures(self) -> Path:
+        return self.root / "failures"
+
+    @property
+    def running(self) -> Path:
+        return self.root / "running"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    def edges_file(self, task: str, checkpoint: str, domain: str) -> Path:
+        return self.edges / safe_name(task) / safe_name(checkpoint) / f"{safe_name(domain)}.parquet"
+
+    def outputs_file(self, task: str, checkpoint: str, domain: str) -> Path:
+        return (self.outputs / safe_name(task) / safe_name(checkpoint)
+                / f"{safe_name(domain)}.parquet")
+
+    def marker(self, checkpoint: str) -> Path:
+        return self.checkpoints / f"{safe_name(checkpoint)}.parquet"
+
+    def failure_file(self, checkpoint: str) -> Path:
+        return self.failures / f"{safe_name(checkpoint)}.parquet"
+
+    def running_file(self, checkpoint: str) -> Path:
+        return self.running / f"{safe_name(checkpoint)}.json"
+
+    def is_complete(self, checkpoint: str) -> bool:
+        return self.marker(checkpoint).exists()
