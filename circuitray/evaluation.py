@@ -1,0 +1,403 @@
+"""The paper's evaluation protocol (DESIGN §5), stricter: fixed directions, signed R², CIs.
+
+Every metric — circuit-based or output-based — goes through the same functions, so the one
+result table compares like with like. Statistics on a zoo of 16–100 models are noisy, so each
+comes with a seeded 95% bootstrap interval; a zoo too small for a statistic yields NaN and a
+`reason`, never a number that looks meaningful.
+
+Bootstrap replicates are represented as multinomial count vectors W [B, n] over the original
+points: Pearson, Spearman (ranks with ties from W) and Kendall τ_b (½ wᵀQw with
+Q_ij = sign(x_i−x_j)·sign(y_i−y_j)) are then matrix algebra over all replicates at once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from circuitray.errors import MetricError
+from circuitray.tables import require_columns
+
+# Expected sign of each metric's relation to accuracy, fixed before seeing any result.
+# Patterns are matched in order (fnmatch); an unknown metric is an error, never a guess.
+DIRECTIONS: tuple[tuple[str, int, str], ...] = (
+    ("ddb_*", +1, "deep-layer reliance generalizes better (paper §DDB)"),
+    ("css_*", -1, "a circuit that moved away from its ID form predicts an accuracy drop"),
+    ("id_acc", +1, "better in distribution, better out of it (accuracy-on-the-line)"),
+    ("ac*", +1, "average max-softmax confidence"),
+    ("ane*", +1, "average negative entropy: less uncertain outputs"),
+    ("atc*", +1, "ATC is itself a predicted accuracy"),
+    ("doc*", +1, "DoC is itself a predicted accuracy"),
+    ("nuclear*", +1, "confident and dispersed predictions (Deng 2023)"),
+    ("mano*", +1, "larger normalized-logit norm, higher accuracy (MaNo)"),
+    ("mde*", +1, "MDE = log(logsumexp E − mean E): wider energy gap, more ID-like (Peng 2024)"),
+    ("energy*", -1, "mean energy −logsumexp(logits): lower is more in-distribution"),
+    ("rankme*", +1, "higher effective rank of features, better representation (RankMe)"),
+    ("bbsd_stat", -1, "larger KS statistic, larger label/covariate shift"),
+    ("bbsd_p", +1, "higher p-value, less evidence of shift"),
+    ("mmd2", -1, "larger MMD², larger feature shift"),
+    ("mmd_p", +1, "higher p-value, less evidence of shift"),
+)
+
+# The paper's composite scores (R², SRCC, KRCC averaged), for printing beside ours.
+PAPER_RESULTS: dict[str, dict[str, float]] = {
+    "pre": {"ddb_out_0.3": 0.766, "id_acc": 0.632, "ac": 0.585, "atc_mc": 0.520},
+    "post": {"css_srcc": 0.811, "atc_mc": 0.470, "ac": 0.391},
+}
+STATS = ("r", "r2_signed", "srcc", "krcc", "composite")
+DEFAULT_DELTAS = (0.8, 0.825, 0.85, 0.875, 0.9)
+
+
+def direction(metric: str) -> int:
+    """+1 if larger values should mean higher accuracy, −1 if lower; MetricError if unknown."""
+    for pattern, sign, _ in DIRECTIONS:
+        if fnmatch.fnmatchcase(metric, pattern):
+            return sign
+    raise MetricError(f"metric '{metric}' has no expected direction in evaluation.DIRECTIONS; "
+                      "add one before evaluating it")
+
+
+def is_circuit_metric(metric: str) -> bool:
+    return metric.startswith(("ddb_", "css_", "lam_"))
+
+
+# ---- weighted (bootstrap) statistics ---------------------------------------------------------
+
+def _wcorr(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Pearson correlation of rows of a, b [B, n] (or [n]) under count weights w [B, n]."""
+    sw = w.sum(axis=1, keepdims=True)
+    da = a - (w * a).sum(axis=1, keepdims=True) / sw
+    db = b - (w * b).sum(axis=1, keepdims=True) / sw
+    cov = (w * da * db).sum(axis=1)
+    den = np.sqrt((w * da * da).sum(axis=1) * (w * db * db).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 1e-12 * np.maximum(1.0, np.abs(cov)), cov / den, np.nan)
+
+
+def _wranks(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Average ranks of x inside each resample described by count weights w [B, n]."""
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    starts = np.concatenate([[0], np.flatnonzero(xs[1:] != xs[:-1]) + 1])
+    group = np.cumsum(np.isin(np.arange(len(x)), starts)) - 1
+    g = np.add.reduceat(w[:, order], starts, axis=1)
+    rank_of_group = np.cumsum(g, axis=1) - g + (g + 1) / 2
+    ranks = np.empty_like(w, dtype=np.float64)
+    ranks[:, order] = rank_of_group[:, group]
+    return ranks
+
+
+def _wkendall(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Kendall τ_b of each resample: (C − D) / sqrt((n0 − n1)(n0 − n2))."""
+    n = w.sum(axis=1)
+    dt = np.float32 if len(x) < 4096 else np.float64  # integer sums stay exact in float32
+    wd = w.astype(dt)
+    q = (np.sign(x[:, None] - x[None, :]) * np.sign(y[:, None] - y[None, :])).astype(dt)
+    s = ((wd @ q) * wd).sum(axis=1, dtype=np.float64) / 2
+
+    def tied_pairs(v: np.ndarray) -> np.ndarray:
+        if len(np.unique(v)) == len(v):
+            return ((w * w).sum(axis=1) - n) / 2
+        t = (v[:, None] == v[None, :]).astype(dt)
+        return (((wd @ t) * wd).sum(axis=1, dtype=np.float64) - n) / 2
+
+    n0 = n * (n - 1) / 2
+    den = np.sqrt((n0 - tied_pairs(x)) * (n0 - tied_pairs(y)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, s / den, np.nan)
+
+
+def _replicates(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """[B, 5]: r, sign(r)·r², SRCC, KRCC, composite for each weight row (x already oriented)."""
+    r = _wcorr(np.broadcast_to(x, w.shape), np.broadcast_to(y, w.shape), w)
+    srcc = _wcorr(_wranks(x, w), _wranks(y, w), w)
+    krcc = _wkendall(x, y, w)
+    r2 = np.sign(r) * r * r
+    comp = (r2 + srcc + krcc) / 3
+    return np.stack([r, r2, srcc, krcc, comp], axis=1)
+
+
+def _weights(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Row 0: the sample itself; rows 1..B: bootstrap resamples as multinomial counts."""
+    boot = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+    return np.vstack([np.ones((1, n)), boot])
+
+
+def correlation_stats(x: Sequence[float], y: Sequence[float], *, metric_direction: int = 1,
+                      n_boot: int = 1000, seed: int = 0, ci: float = 0.95, min_n: int = 4
+                      ) -> dict[str, float | str]:
+    """Oriented r, sign(r)·R², SRCC, KRCC and composite between a metric and accuracy, each
+    with a percentile bootstrap interval (keys `<stat>`, `<stat>_lo`, `<stat>_hi`), plus `n`
+    and `reason` (non-empty exactly when the statistics are NaN or points were dropped)."""
+    out, _ = _stats_with_replicates(np.asarray(x, float), np.asarray(y, float),
+                                    metric_direction, n_boot,
+                                    np.random.default_rng(seed), ci, min_n)
+    return out
+
+
+def _stats_with_replicates(x: np.ndarray, y: np.ndarray, sign: int, n_boot: int,
+                           rng: np.random.Generator, ci: float, min_n: int
+                           ) -> tuple[dict[str, float | str], np.ndarray | None]:
+    ok = np.isfinite(x) & np.isfinite(y)
+    reasons = [f"{(~ok).sum()} point(s) with NaN dropped"] if (~ok).any() else []
+    x, y = sign * x[ok], y[ok]
+    out: dict[str, float | str] = {"n": int(len(x))}
+    if len(x) < min_n:
+        reasons.append(f"too few points: n={len(x)} < {min_n}")
+    elif np.ptp(x) == 0 or np.ptp(y) == 0:
+        reasons.append("metric is constant" if np.ptp(x) == 0 else "accuracy is constant")
+    if len(reasons) and (len(x) < min_n or np.ptp(x) == 0 or np.ptp(y) == 0):
+        for s in STATS:
+            out[s] = out[f"{s}_lo"] = out[f"{s}_hi"] = np.nan
+        out["reason"] = "; ".join(reasons)
+        return out, None
+    reps = _replicates(x, y, _weights(len(x), n_boot, rng))
+    lo, hi = np.nanpercentile(reps[1:], [50 * (1 - ci), 50 * (1 + ci)], axis=0)
+    for i, s in enumerate(STATS):
+        out[s], out[f"{s}_lo"], out[f"{s}_hi"] = reps[0, i], lo[i], hi[i]
+    out["reason"] = "; ".join(reasons)
+    return out, reps
+
+
+# ---- table-level evaluation ------------------------------------------------------------------
+
+def evaluate(frame: pd.DataFrame, *, metrics: Sequence[str], target: str,
+             by: Sequence[str] = ("task",), average_by: Sequence[str] | None = (),
+             n_boot: int = 1000, seed: int = 0, ci: float = 0.95, min_n: int = 4
+             ) -> pd.DataFrame:
+    """Statistics of every metric against `target` within each `by` group, then averaged.
+
+    Returns long rows: the `by` columns, `metric`, `level` ("group" for one group, "mean" for
+    averages over groups — per `average_by` columns, and over everything with those columns
+    set to "all"), n / n_groups, each stat with _lo/_hi, and `reason`. The average's interval
+    averages the groups' bootstrap replicates index by index (independent resamples).
+    """
+    by = list(by)
+    require_columns(frame, [*by, target, *metrics], "evaluation frame")
+    rows, reps = [], {}
+    for gi, (key, grp) in enumerate(frame.groupby(by, sort=True, dropna=False)):
+        key = key if isinstance(key, tuple) else (key,)
+        y = grp[target].to_numpy(float)
+        for mi, m in enumerate(metrics):
+            rng = np.random.default_rng([seed, gi, mi])
+            st, rep = _stats_with_replicates(grp[m].to_numpy(float), y, direction(m), n_boot,
+                                             rng, ci, min_n)
+            rows.append({**dict(zip(by, key, strict=True)), "metric": m, "level": "group",
+                         "n_groups": 1, **st})
+            reps[(key, m)] = rep
+    table = pd.DataFrame(rows)
+    if average_by is None:
+        return table
+    averages = [_average(table, reps, by, list(average_by), ci)]
+    if list(average_by):
+        averages.append(_average(table, reps, by, [], ci))
+    return pd.concat([table, *averages], ignore_index=True)
+
+
+def _average(table: pd.DataFrame, reps: dict, by: list[str], keep: list[str], ci: float
+             ) -> pd.DataFrame:
+    rows = []
+    for key, grp in table.groupby([*keep, "metric"], sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        good = [r for _, r in grp.iterrows() if reps[(tuple(r[c] for c in by), r["metric"])]
+                is not None]
+        row = {c: "all" for c in by} | dict(zip([*keep, "metric"], key, strict=True))
+        row |= {"level": "mean", "n_groups": len(good), "n": int(grp["n"].sum())}
+        skipped = len(grp) - len(good)
+        if not good:
+            row |= {f"{s}{x}": np.nan for s in STATS for x in ("", "_lo", "_hi")}
+            row["reason"] = f"no group could be evaluated ({len(grp)} tried)"
+        else:
+            stack = np.stack([reps[(tuple(r[c] for c in by), r["metric"])] for r in good])
+            mean = np.nanmean(stack, axis=0)  # [B+1, stats]
+            lo, hi = np.nanpercentile(mean[1:], [50 * (1 - ci), 50 * (1 + ci)], axis=0)
+            for i, s in enumerate(STATS):
+                row[s], row[f"{s}_lo"], row[f"{s}_hi"] = mean[0, i], lo[i], hi[i]
+            row["reason"] = f"{skipped} group(s) without a value left out" if skipped else ""
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pre_deployment(frame: pd.DataFrame, *, metrics: Sequence[str], target: str = "ood_acc",
+                   **kw) -> pd.DataFrame:
+    """Per task across the zoo (one row per checkpoint), then averaged over tasks."""
+    return evaluate(frame, metrics=metrics, target=target, by=("task",), **kw)
+
+
+def post_deployment(frame: pd.DataFrame, *, metrics: Sequence[str], target: str = "accuracy",
+                    **kw) -> pd.DataFrame:
+    """Per model across its shifted domains (one row per checkpoint × domain), averaged per
+    task and over everything."""
+    return evaluate(frame, metrics=metrics, target=target, by=("task", "checkpoint"),
+                    average_by=("task",), **kw)
+
+
+def within_group(frame: pd.DataFrame, *, metrics: Sequence[str], target: str, group_col: str,
+                 **kw) -> pd.DataFrame:
+    """Correlations among models that share a training-data setting (`group_col`), averaged
+    over settings per task: a metric that only separates settings scores near zero here."""
+    out = evaluate(frame, metrics=metrics, target=target, by=("task", group_col),
+                   average_by=("task",), **kw)
+    return out[out.level == "mean"].drop(columns=[group_col]).reset_index(drop=True)
+
+
+def _partial_from_corrs(rxy: np.ndarray, rxz: np.ndarray, ryz: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        den = np.sqrt((1 - rxz**2) * (1 - ryz**2))
+        return np.where(den > 1e-12, (rxy - rxz * ryz) / den, np.nan)
+
+
+def partial_spearman(x: Sequence[float], y: Sequence[float], z: Sequence[float]) -> float:
+    """Spearman correlation of x and y with z's (rank-linear) influence removed from both."""
+    x, y, z = (np.asarray(v, float) for v in (x, y, z))
+    w = np.ones((1, len(x)))
+    rx, ry, rz = _wranks(x, w), _wranks(y, w), _wranks(z, w)
+    return float(_partial_from_corrs(_wcorr(rx, ry, w), _wcorr(rx, rz, w), _wcorr(ry, rz, w))[0])
+
+
+def partial_correlations(frame: pd.DataFrame, *, circuit_metrics: Sequence[str],
+                         baselines: Sequence[str], target: str, by: Sequence[str] = ("task",),
+                         n_boot: int = 1000, seed: int = 0, ci: float = 0.95, min_n: int = 5
+                         ) -> pd.DataFrame:
+    """Oriented partial Spearman of each circuit metric with `target` given each baseline,
+    with bootstrap intervals: does the circuit add information beyond the outputs?"""
+    by = list(by)
+    require_columns(frame, [*by, target, *circuit_metrics, *baselines], "evaluation frame")
+    rows = []
+    for gi, (key, grp) in enumerate(frame.groupby(by, sort=True)):
+        key = key if isinstance(key, tuple) else (key,)
+        for mi, m in enumerate(circuit_metrics):
+            for bi, b in enumerate(baselines):
+                sub = grp[[m, b, target]].to_numpy(float)
+                sub = sub[np.isfinite(sub).all(axis=1)]
+                row = {**dict(zip(by, key, strict=True)), "metric": m, "given": b,
+                       "n": len(sub)}
+                if len(sub) < min_n or (np.ptp(sub, axis=0) == 0).any():
+                    row |= {"partial_srcc": np.nan, "partial_srcc_lo": np.nan,
+                            "partial_srcc_hi": np.nan,
+                            "reason": f"too few points (n={len(sub)} < {min_n}) or a constant "
+                                      "column"}
+                    rows.append(row)
+                    continue
+                x, z, y = direction(m) * sub[:, 0], direction(b) * sub[:, 1], sub[:, 2]
+                w = _weights(len(sub), n_boot, np.random.default_rng([seed, gi, mi, bi]))
+                rx, ry, rz = _wranks(x, w), _wranks(y, w), _wranks(z, w)
+                p = _partial_from_corrs(_wcorr(rx, ry, w), _wcorr(rx, rz, w), _wcorr(ry, rz, w))
+                lo, hi = np.nanpercentile(p[1:], [50 * (1 - ci), 50 * (1 + ci)])
+                rows.append(row | {"partial_srcc": p[0], "partial_srcc_lo": lo,
+                                   "partial_srcc_hi": hi, "reason": ""})
+    return pd.DataFrame(rows)
+
+
+# ---- silent-failure alarm --------------------------------------------------------------------
+
+def calibrate_threshold(proxy_metric: Sequence[float], proxy_accuracy: Sequence[float],
+                        delta: float) -> float:
+    """δ' = the metric's value on the proxy domain whose accuracy is closest to δ (first on
+    ties). Proxy domains are corruptions of labeled ID data, so no target label is used."""
+    m, a = np.asarray(proxy_metric, float), np.asarray(proxy_accuracy, float)
+    ok = np.isfinite(m) & np.isfinite(a)
+    if not ok.any():
+        raise MetricError("alarm calibration: no proxy domain with a finite metric and accuracy")
+    return float(m[ok][np.argmin(np.abs(a[ok] - delta))])
+
+
+def _auroc(score: np.ndarray, label: np.ndarray) -> float:
+    """P(score of a failing domain > score of a healthy one), ties counted half."""
+    pos, neg = score[label], score[~label]
+    if len(pos) == 0 or len(neg) == 0:
+        return np.nan
+    ranks = _wranks(np.concatenate([pos, neg]), np.ones((1, len(score))))[0]
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def silent_failure_alarm(deploy: pd.DataFrame, proxy: pd.DataFrame, *, metrics: Sequence[str],
+                         deltas: Sequence[float] = DEFAULT_DELTAS, accuracy: str = "accuracy",
+                         model: Sequence[str] = ("task", "checkpoint")) -> pd.DataFrame:
+    """Alarm F1 and AUROC per (task, metric, δ) over deployment domains, plus the δ-average
+    (delta = NaN, level "mean").
+
+    For each model and δ, δ' is calibrated on that model's proxy domains; a deployment domain
+    raises the alarm when its metric is on the bad side of δ' (below for + metrics, above for
+    − metrics) and truly fails when its accuracy < δ. AUROC ranks domains by the oriented
+    metric (−direction·value) against the failure label; it needs no δ'.
+    """
+    model = list(model)
+    for name, f in (("deployment", deploy), ("proxy", proxy)):
+        require_columns(f, [*model, accuracy, *metrics], f"alarm {name} frame")
+    rows = []
+    for m in metrics:
+        sign = direction(m)
+        for delta in deltas:
+            near = proxy.assign(_gap=(proxy[accuracy] - delta).abs())
+            near = near[np.isfinite(near[m]) & np.isfinite(near["_gap"])]
+            pick = near.loc[near.groupby(model, sort=False)["_gap"].idxmin(), [*model, m]]
+            d = deploy.merge(pick.rename(columns={m: "_thr"}), on=model, how="left")
+            for task, grp in d.groupby("task", sort=True):
+                usable = grp[np.isfinite(grp["_thr"]) & np.isfinite(grp[m])]
+                fail = usable[accuracy].to_numpy() < delta
+                alarm = sign * usable[m].to_numpy() < sign * usable["_thr"].to_numpy()
+                tp, fp = int((alarm & fail).sum()), int((alarm & ~fail).sum())
+                fn = int((~alarm & fail).sum())
+                reason = []
+                if len(usable) < len(grp):
+                    reason.append(f"{len(grp) - len(usable)} domain(s) without a calibrated δ'")
+                if fail.sum() == 0:
+                    reason.append(f"no deployment domain fails at δ={delta:g}")
+                f1 = 2 * tp / (2 * tp + fp + fn) if fail.sum() else np.nan
+                auroc = _auroc(-sign * usable[m].to_numpy(float), fail)
+                if np.isnan(auroc) and fail.sum():
+                    reason.append("every deployment domain fails: AUROC undefined")
+                rows.append({"task": task, "metric": m, "delta": delta, "level": "delta",
+                             "n_domains": len(usable), "n_fail": int(fail.sum()),
+                             "precision": tp / (tp + fp) if tp + fp else np.nan,
+                             "recall": tp / (tp + fn) if tp + fn else np.nan,
+                             "f1": f1, "auroc": auroc, "reason": "; ".join(reason)})
+    out = pd.DataFrame(rows)
+    mean = out.groupby(["task", "metric"], sort=False).agg(
+        n_domains=("n_domains", "max"), n_fail=("n_fail", "sum"), precision=("precision", "mean"),
+        recall=("recall", "mean"), f1=("f1", "mean"), auroc=("auroc", "mean")).reset_index()
+    mean = mean.assign(delta=np.nan, level="mean",
+                       reason=np.where(mean.f1.isna(), "no δ in the grid had a failing domain",
+                                       ""))
+    return pd.concat([out, mean[out.columns]], ignore_index=True)
+
+
+# ---- the one table ---------------------------------------------------------------------------
+
+def result_table(pre: pd.DataFrame | None = None, post: pd.DataFrame | None = None,
+                 alarm: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Every circuit metric and every baseline side by side: one row per metric, columns
+    pre_/post_ statistics with their intervals (averages over tasks/models), alarm F1 and
+    AUROC (averaged over δ and tasks), the paper's composite where it reported one, and
+    `kind` (circuit / baseline). Sorted by pre-deployment composite, best first."""
+    parts = []
+    for prefix, table in (("pre", pre), ("post", post)):
+        if table is None:
+            continue
+        top = table[(table.level == "mean")]
+        if "checkpoint" in top.columns:
+            top = top[top.checkpoint == "all"]
+        top = top[top.task == "all"] if (top.task == "all").any() else top
+        if top.empty:  # a single group: its own row is the summary
+            top = table
+        cols = [f"{s}{x}" for s in STATS for x in ("", "_lo", "_hi")]
+        t = top.set_index("metric")[[*cols, "n", "reason"]]
+        parts.append(t.add_prefix(f"{prefix}_"))
+    if alarm is not None:
+        a = alarm[alarm.level == "mean"].groupby("metric")[["f1", "auroc"]].mean()
+        parts.append(a.add_prefix("alarm_"))
+    if not parts:
+        raise MetricError("result_table: give at least one of pre, post, alarm")
+    out = pd.concat(parts, axis=1)
+    out.index.name = "metric"
+    out = out.reset_index()
+    out.insert(1, "kind", np.where([is_circuit_metric(m) for m in out.metric], "circuit",
+                                   "baseline"))
+    out["paper_pre_composite"] = out.metric.map(PAPER_RESULTS["pre"])
+    out["paper_post_composite"] = out.metric.map(PAPER_RESULTS["post"])
+    key = "pre_composite" if "pre_composite" in out else out.columns[2]
+    return out.sort_values(key, ascending=False, na_position="last", ignore_index=True)

@@ -1,0 +1,197 @@
+"""Evaluation protocol: signed composite, bootstrap intervals, partial/within-group, alarm."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+
+from circuitray.errors import MetricError
+from circuitray.evaluation import (
+    PAPER_RESULTS,
+    _replicates,
+    _weights,
+    calibrate_threshold,
+    correlation_stats,
+    direction,
+    evaluate,
+    partial_correlations,
+    partial_spearman,
+    post_deployment,
+    pre_deployment,
+    result_table,
+    silent_failure_alarm,
+    within_group,
+)
+
+X = [1, 2, 3, 4, 5]
+Y = [2, 1, 4, 3, 5]  # r = 8/10, ρ = 0.8, τ = (8 − 2)/10 = 0.6 by hand
+
+
+def test_composite_on_planted_case_equals_hand_computed() -> None:
+    st = correlation_stats(X, Y, metric_direction=+1, n_boot=50)
+    assert st["r"] == pytest.approx(0.8)
+    assert st["r2_signed"] == pytest.approx(0.64)
+    assert st["srcc"] == pytest.approx(0.8)
+    assert st["krcc"] == pytest.approx(0.6)
+    assert st["composite"] == pytest.approx((0.64 + 0.8 + 0.6) / 3)
+
+
+def test_backwards_proxy_cannot_gain_from_r2() -> None:
+    """A metric expected to fall with accuracy (CSS) that rises instead scores −composite:
+    R² enters as sign(r)·R², so a plain R² of +0.64 cannot lift it."""
+    st = correlation_stats(X, Y, metric_direction=direction("css_srcc"), n_boot=50)
+    assert st["r2_signed"] == pytest.approx(-0.64)
+    assert st["composite"] == pytest.approx(-(0.64 + 0.8 + 0.6) / 3)
+
+
+def test_bootstrap_replicates_equal_scipy_on_the_resampled_points() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=25)
+    y = np.round(x + rng.normal(size=25))  # ties in y, and resampling ties in x
+    w = _weights(25, 3, rng)
+    reps = _replicates(x, y, w)
+    for b in range(4):
+        idx = np.repeat(np.arange(25), w[b].astype(int))
+        want = [scipy.stats.pearsonr(x[idx], y[idx]).statistic,
+                scipy.stats.spearmanr(x[idx], y[idx]).statistic,
+                scipy.stats.kendalltau(x[idx], y[idx]).statistic]
+        np.testing.assert_allclose(reps[b, [0, 2, 3]], want, rtol=1e-10)
+
+
+def test_bootstrap_interval_is_seeded_and_covers_the_truth_about_95_percent() -> None:
+    rng = np.random.default_rng(1)
+    cov = [[1.0, 0.5], [0.5, 1.0]]
+    x, y = rng.multivariate_normal([0, 0], cov, size=40).T
+    a = correlation_stats(x, y, n_boot=200, seed=7)
+    assert a == correlation_stats(x, y, n_boot=200, seed=7)
+    assert a["r_lo"] < a["r"] < a["r_hi"]
+    hits = 0
+    for _ in range(150):
+        x, y = rng.multivariate_normal([0, 0], cov, size=40).T
+        st = correlation_stats(x, y, n_boot=300, seed=int(rng.integers(1 << 30)))
+        hits += st["r_lo"] <= 0.5 <= st["r_hi"]
+    assert 0.85 <= hits / 150 <= 0.99
+
+
+def test_too_small_or_constant_zoo_gives_nan_with_reason() -> None:
+    st = correlation_stats([1, 2, 3], [0.5, 0.6, 0.7])
+    assert np.isnan(st["composite"]) and "too few points: n=3 < 4" in st["reason"]
+    st = correlation_stats([1, 1, 1, 1, 1], [0.5, 0.6, 0.7, 0.8, 0.9])
+    assert np.isnan(st["srcc"]) and "constant" in st["reason"]
+    st = correlation_stats([1, 2, np.nan, 4, 5, 6], [1, 2, 3, 4, 5, 7], n_boot=20)
+    assert st["n"] == 5 and "1 point(s) with NaN dropped" in st["reason"]
+
+
+def test_unknown_metric_has_no_silent_direction() -> None:
+    with pytest.raises(MetricError, match="'mystery'"):
+        direction("mystery")
+    assert direction("ddb_out_0.3") == 1 and direction("css_netlsd") == -1
+    assert direction("atc_ne_ts") == 1 and direction("energy") == -1
+
+
+def zoo(seed: int = 0, n: int = 12) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    frames = []
+    for task, noise in (("bg", 0.05), ("patch", 0.5)):
+        ood = rng.uniform(0.4, 0.9, n)
+        frames.append(pd.DataFrame({
+            "task": task, "checkpoint": [f"c{i}" for i in range(n)], "ood_acc": ood,
+            "ddb_out_0.3": ood + noise * rng.normal(size=n),
+            "ac": rng.normal(size=n), "setting": np.repeat(["s0", "s1"], n // 2)}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_pre_deployment_reports_tasks_separately_and_their_mean() -> None:
+    out = pre_deployment(zoo(), metrics=["ddb_out_0.3", "ac"], n_boot=100)
+    g = out[out.level == "group"].set_index(["task", "metric"])
+    assert g.loc[("bg", "ddb_out_0.3"), "composite"] > g.loc[("patch", "ddb_out_0.3"), "composite"]
+    mean = out[(out.level == "mean") & (out.metric == "ddb_out_0.3")].iloc[0]
+    assert mean.task == "all" and mean.n_groups == 2
+    want = g.xs("ddb_out_0.3", level="metric")["composite"].mean()
+    assert mean.composite == pytest.approx(want)
+    assert mean.composite_lo < mean.composite < mean.composite_hi
+
+
+def test_post_deployment_averages_models_within_task() -> None:
+    rng = np.random.default_rng(2)
+    rows = [{"task": "t", "checkpoint": c, "domain": d, "accuracy": a,
+             "css_srcc": (1 - a) + 0.05 * rng.normal()}
+            for c in ("m0", "m1", "m2") for d, a in enumerate(rng.uniform(0.3, 0.95, 6))]
+    out = post_deployment(pd.DataFrame(rows), metrics=["css_srcc"], n_boot=50)
+    assert set(out.level) == {"group", "mean"}
+    task_mean = out[(out.level == "mean") & (out.task == "t")].iloc[0]
+    assert task_mean.n_groups == 3 and task_mean.srcc > 0.5  # oriented: CSS ↑, accuracy ↓
+
+
+def test_within_group_removes_between_setting_signal() -> None:
+    rng = np.random.default_rng(3)
+    n = 20
+    setting = np.repeat(["a", "b"], n)
+    ood = np.where(setting == "a", 0.5, 0.8) + 0.02 * rng.normal(size=2 * n)
+    metric = np.where(setting == "a", 0.0, 1.0) + 0.1 * rng.normal(size=2 * n)  # only setting
+    f = pd.DataFrame({"task": "t", "setting": setting, "ood_acc": ood, "ddb_out_0.3": metric})
+    pooled = evaluate(f, metrics=["ddb_out_0.3"], target="ood_acc", n_boot=100)
+    within = within_group(f, metrics=["ddb_out_0.3"], target="ood_acc", group_col="setting",
+                          n_boot=100)
+    assert pooled.srcc.iloc[0] > 0.6
+    w = within[within.task == "t"].iloc[0]
+    assert abs(w.srcc) < 0.35 and w.srcc_lo < 0 < w.srcc_hi
+
+
+def test_partial_spearman_equals_rank_residual_correlation_and_detects_added_information() -> None:
+    rng = np.random.default_rng(4)
+    n = 60
+    z, u = rng.normal(size=n), rng.normal(size=n)
+    y = z + u
+    redundant, informative = z + 0.1 * rng.normal(size=n), u + 0.3 * rng.normal(size=n)
+    rx, ry, rz = (scipy.stats.rankdata(v) for v in (informative, y, z))
+    design = np.column_stack([np.ones(n), rz])
+    res = [v - design @ np.linalg.lstsq(design, v, rcond=None)[0] for v in (rx, ry)]
+    assert partial_spearman(informative, y, z) == pytest.approx(np.corrcoef(*res)[0, 1])
+    f = pd.DataFrame({"task": "t", "ood_acc": y, "ddb_out_0.3": informative,
+                      "ddb_deep_0.3": redundant, "ac": z})
+    out = partial_correlations(f, circuit_metrics=["ddb_out_0.3", "ddb_deep_0.3"],
+                               baselines=["ac"], target="ood_acc", n_boot=200).set_index("metric")
+    assert out.loc["ddb_out_0.3", "partial_srcc_lo"] > 0.3
+    assert out.loc["ddb_deep_0.3", "partial_srcc_lo"] < 0 < out.loc["ddb_deep_0.3",
+                                                                     "partial_srcc_hi"]
+
+
+def test_alarm_threshold_is_metric_at_proxy_accuracy_closest_to_delta() -> None:
+    proxy_css, proxy_acc = [0.1, 0.2, 0.35, 0.5], [0.95, 0.88, 0.79, 0.6]
+    assert calibrate_threshold(proxy_css, proxy_acc, 0.8) == 0.35
+    assert calibrate_threshold(proxy_css, proxy_acc, 0.9) == 0.2
+    proxy = pd.DataFrame({"task": "t", "checkpoint": "m", "accuracy": proxy_acc,
+                          "css_srcc": proxy_css, "ac": [0.9, 0.8, 0.7, 0.6]})
+    deploy = pd.DataFrame({"task": "t", "checkpoint": "m", "accuracy": [0.9, 0.85, 0.82, 0.5],
+                           "css_srcc": [0.1, 0.3, 0.4, 0.6], "ac": [0.95, 0.75, 0.65, 0.5]})
+    out = silent_failure_alarm(deploy, proxy, metrics=["css_srcc", "ac"], deltas=[0.8])
+    css = out[(out.metric == "css_srcc") & (out.level == "delta")].iloc[0]
+    # δ'=0.35: alarms on 0.4 and 0.6 (CSS above δ'), only the 0.5-accuracy domain fails
+    assert (css.precision, css.recall, css.f1) == pytest.approx((0.5, 1.0, 2 / 3))
+    assert css.auroc == pytest.approx(1.0)
+    ac = out[(out.metric == "ac") & (out.level == "delta")].iloc[0]
+    # AC is a + metric: δ' = 0.7, alarms where AC < 0.7 (0.65, 0.5)
+    assert ac.f1 == pytest.approx(2 / 3)
+
+
+def test_alarm_without_failing_domains_is_nan_with_reason() -> None:
+    f = pd.DataFrame({"task": "t", "checkpoint": "m", "accuracy": [0.95, 0.97],
+                      "css_srcc": [0.1, 0.2]})
+    out = silent_failure_alarm(f, f, metrics=["css_srcc"], deltas=[0.8])
+    row = out[out.level == "delta"].iloc[0]
+    assert np.isnan(row.f1) and "no deployment domain fails" in row.reason
+
+
+def test_result_table_puts_circuit_metrics_and_baselines_side_by_side() -> None:
+    f = zoo()
+    pre = pre_deployment(f, metrics=["ddb_out_0.3", "ac"], n_boot=50)
+    table = result_table(pre=pre)
+    assert list(table.metric) == ["ddb_out_0.3", "ac"]  # sorted by composite, best first
+    assert list(table.kind) == ["circuit", "baseline"]
+    assert table.paper_pre_composite.tolist() == [PAPER_RESULTS["pre"]["ddb_out_0.3"],
+                                                  PAPER_RESULTS["pre"]["ac"]]
+    for col in ("pre_composite", "pre_composite_lo", "pre_composite_hi", "pre_srcc_lo"):
+        assert col in table.columns
