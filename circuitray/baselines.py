@@ -1,0 +1,254 @@
+"""Output-based proxies a user would pick instead of circuits (DESIGN §4).
+
+Everything here reads the `outputs` table (per-example logits, features, labels where known)
+and nothing else, so a baseline can never peek at circuits — or at target labels: the only
+labels used are those of the ID validation domain (`id_domain`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import scipy.optimize
+import scipy.special
+import scipy.stats
+
+from circuitray.errors import MetricError, TableError
+from circuitray.tables import require_columns
+
+OUTPUT_COLUMNS = ("task", "checkpoint", "domain", "label", "pred", "max_prob", "neg_entropy",
+                  "energy", "logits", "features")
+
+
+# ---- per-sample-set primitives ---------------------------------------------------------------
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    return scipy.special.softmax(np.asarray(logits, np.float64) / temperature, axis=1)
+
+
+def neg_entropy(probs: np.ndarray) -> np.ndarray:
+    return (probs * np.log(np.clip(probs, 1e-300, None))).sum(axis=1)
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature T minimizing the NLL of softmax(logits / T) on labeled ID validation data."""
+    logits, labels = np.asarray(logits, np.float64), np.asarray(labels, np.int64)
+
+    def nll(log_t: float) -> float:
+        z = logits / np.exp(log_t)
+        return float((scipy.special.logsumexp(z, axis=1) - z[np.arange(len(z)), labels]).mean())
+
+    res = scipy.optimize.minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)),
+                                         method="bounded")
+    return float(np.exp(res.x))
+
+
+def atc_threshold(id_scores: np.ndarray, id_correct: np.ndarray) -> float:
+    """ATC (Garg 2022): t such that the fraction of ID scores below t equals the ID error."""
+    s = np.sort(np.asarray(id_scores, np.float64))
+    k = int(round((1.0 - np.mean(id_correct)) * len(s)))
+    return float(s[k]) if k < len(s) else np.inf
+
+
+def atc_predict(scores: np.ndarray, threshold: float) -> float:
+    """Predicted accuracy: the fraction of target scores at or above the ID threshold."""
+    return float(np.mean(np.asarray(scores) >= threshold))
+
+
+def doc(id_accuracy: float, id_confidence: float, target_confidence: float) -> float:
+    """DoC (Guillory 2021): ID accuracy minus the drop in average confidence."""
+    return id_accuracy - (id_confidence - target_confidence)
+
+
+def nuclear_norm_bounds(n: int, k: int) -> tuple[float, float]:
+    """Range of the normalized nuclear norm of an n×k row-stochastic matrix: uniform
+    predictions (rank one) give 1/√(k·min(n, k)); confident, class-balanced ones give 1."""
+    return 1.0 / np.sqrt(k * min(n, k)), 1.0
+
+
+def nuclear_norm(probs: np.ndarray) -> float:
+    """‖P‖_* / √(n·min(n, k)) (Deng 2023): high when predictions are confident and dispersed."""
+    n, k = probs.shape
+    return float(np.linalg.svd(probs, compute_uv=False).sum() / np.sqrt(n * min(n, k)))
+
+
+def mano(logits: np.ndarray, p: float = 4.0) -> float:
+    """MaNo (Xie 2024): Lp norm (p = 4) of the softmax-Taylor normalized logits, averaged per
+    entry. Always the Taylor normalization (the paper's choice for miscalibrated models);
+    its data-dependent switch to plain softmax is not implemented."""
+    z = np.asarray(logits, np.float64)
+    v = 1.0 + z + z * z / 2.0  # > 0 for every real z
+    s = v / v.sum(axis=1, keepdims=True)
+    return float(np.mean(np.abs(s) ** p) ** (1.0 / p))
+
+
+def mde(energy: np.ndarray) -> float:
+    """Meta-distribution energy (Peng 2024), as in the authors' code: log(−mean log_softmax(E))
+    over the samples = log(logsumexp E − mean E), with E = −logsumexp(logits)."""
+    e = np.asarray(energy, np.float64)
+    return float(np.log(scipy.special.logsumexp(e) - e.mean()))
+
+
+def rankme(features: np.ndarray, eps: float = 1e-7) -> float:
+    """RankMe (Garrido 2023): exp of the entropy of the normalized singular values."""
+    sv = np.linalg.svd(np.asarray(features, np.float64), compute_uv=False)
+    if sv.sum() <= 0:
+        raise MetricError("RankMe: features are all zero")
+    q = sv / sv.sum() + eps
+    return float(np.exp(-(q * np.log(q)).sum()))
+
+
+@dataclass(frozen=True)
+class ShiftTest:
+    statistic: float
+    p_value: float
+    shifted: bool
+
+
+def bbsd(id_probs: np.ndarray, target_probs: np.ndarray, alpha: float = 0.05) -> ShiftTest:
+    """BBSD (Lipton 2018 / Rabanser 2019): a KS test per softmax dimension, Bonferroni-corrected.
+    statistic = the largest KS distance; p = min(1, k · smallest p)."""
+    k = id_probs.shape[1]
+    res = scipy.stats.ks_2samp(id_probs, target_probs, axis=0)
+    p = float(min(1.0, k * np.min(res.pvalue)))
+    return ShiftTest(float(np.max(res.statistic)), p, p < alpha)
+
+
+def mmd_test(x: np.ndarray, y: np.ndarray, *, n_perm: int = 200, alpha: float = 0.05,
+             max_n: int = 500, seed: int = 0) -> ShiftTest:
+    """Kernel two-sample test: biased MMD² with an RBF kernel whose bandwidth is the median
+    pairwise distance of the pooled sample; p-value from `n_perm` seeded label permutations.
+    Each sample is subsampled to `max_n` (seeded) to bound the O(n²) kernel."""
+    rng = np.random.default_rng(seed)
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    if len(x) > max_n:
+        x = x[rng.choice(len(x), max_n, replace=False)]
+    if len(y) > max_n:
+        y = y[rng.choice(len(y), max_n, replace=False)]
+    if len(x) < 2 or len(y) < 2:
+        raise MetricError(f"MMD: need at least 2 samples per side, got {len(x)} and {len(y)}")
+    z = np.vstack([x, y])
+    sq = (z * z).sum(axis=1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * z @ z.T, 0.0)
+    med = np.median(d2[np.triu_indices(len(z), 1)])
+    kern = np.exp(-d2 / max(med, 1e-12))  # bandwidth² = median squared distance
+    sign = np.concatenate([np.full(len(x), 1.0 / len(x)), np.full(len(y), -1.0 / len(y))])
+    perms = np.stack([sign] + [rng.permutation(sign) for _ in range(n_perm)])
+    mmd2 = ((perms @ kern) * perms).sum(axis=1)
+    p = float((1 + np.sum(mmd2[1:] >= mmd2[0])) / (1 + n_perm))
+    return ShiftTest(float(mmd2[0]), p, p < alpha)
+
+
+# ---- tables -----------------------------------------------------------------------------------
+
+def _frame(outputs: pa.Table | pd.DataFrame) -> pd.DataFrame:
+    require_columns(outputs, OUTPUT_COLUMNS, "outputs")
+    if isinstance(outputs, pa.Table):
+        outputs = outputs.select(list(OUTPUT_COLUMNS)).to_pandas()
+    return outputs.sort_values(["task", "checkpoint", "domain"], kind="stable",
+                               ignore_index=True)
+
+
+def _matrix(values: pd.Series, what: str, task: str) -> np.ndarray:
+    """A list column as a dense [n, k] array; rows of different lengths are an error."""
+    lengths = values.map(len).to_numpy()
+    if len(lengths) and (lengths != lengths[0]).any():
+        raise TableError(f"outputs: task '{task}': {what} vectors have different lengths "
+                         f"{sorted(set(lengths.tolist()))[:5]}")
+    return np.stack([np.asarray(v, np.float64) for v in values]) if len(values) else \
+        np.zeros((0, 0))
+
+
+def domain_accuracy(outputs: pa.Table | pd.DataFrame) -> pd.DataFrame:
+    """True accuracy per (task, checkpoint, domain) over labeled examples (NaN if none)."""
+    f = _frame(outputs)
+    labeled = f["label"].notna()
+    correct = (f["pred"] == f["label"]).where(labeled).astype(float)
+    g = f.assign(_c=correct, _l=labeled).groupby(["task", "checkpoint", "domain"], sort=True)
+    out = g.agg(accuracy=("_c", "mean"), n=("_l", "size"), n_labeled=("_l", "sum"))
+    return out.reset_index()
+
+
+def _id_reference(f: pd.DataFrame, task: str, ckpt: str, id_domain: str) -> dict:
+    """Everything the baselines need from a checkpoint's labeled ID validation data."""
+    rows = f[(f.task == task) & (f.checkpoint == ckpt) & (f.domain == id_domain)]
+    if rows.empty:
+        raise TableError(f"outputs: task '{task}', checkpoint '{ckpt}' has no rows on the "
+                         f"ID domain '{id_domain}'")
+    if rows["label"].isna().any():
+        raise TableError(f"outputs: task '{task}', checkpoint '{ckpt}': ID domain "
+                         f"'{id_domain}' has unlabeled examples; ATC/DoC need ID labels")
+    logits = _matrix(rows["logits"], "logits", task)
+    labels = rows["label"].to_numpy(np.int64)
+    correct = rows["pred"].to_numpy() == labels
+    temp = fit_temperature(logits, labels)
+    p1, pt = softmax(logits), softmax(logits, temp)
+    return {
+        "acc": float(correct.mean()), "temp": temp, "probs": p1,
+        "ac": float(rows["max_prob"].mean()),
+        "thr": {"mc": atc_threshold(p1.max(1), correct),
+                "ne": atc_threshold(neg_entropy(p1), correct),
+                "mc_ts": atc_threshold(pt.max(1), correct),
+                "ne_ts": atc_threshold(neg_entropy(pt), correct)},
+        "features": _matrix(rows["features"], "features", task),
+    }
+
+
+def pre_deployment_baselines(outputs: pa.Table | pd.DataFrame, *, id_domain: str
+                             ) -> pd.DataFrame:
+    """One row per (task, checkpoint, domain): every output-based proxy of OOD accuracy.
+
+    Columns: id_acc, ac, ac_ts, ane, energy (mean), atc_{mc,ne}[_ts], doc, nuclear (with
+    nuclear_lo / nuclear_hi, its bounds for this n, k), mano, mde, rankme, temperature,
+    n_examples. Only ID labels are used; target labels are never read.
+    """
+    f = _frame(outputs)
+    rows = []
+    for (task, ckpt), grp in f.groupby(["task", "checkpoint"], sort=True):
+        ref = _id_reference(f, task, ckpt, id_domain)
+        for domain, d in grp.groupby("domain", sort=True):
+            logits = _matrix(d["logits"], "logits", task)
+            p1, pt = softmax(logits), softmax(logits, ref["temp"])
+            lo, hi = nuclear_norm_bounds(*p1.shape)
+            mc, mc_ts = p1.max(axis=1), pt.max(axis=1)
+            rows.append({
+                "task": task, "checkpoint": ckpt, "domain": domain, "n_examples": len(d),
+                "id_acc": ref["acc"],
+                "ac": float(d["max_prob"].mean()), "ac_ts": float(mc_ts.mean()),
+                "ane": float(d["neg_entropy"].mean()), "energy": float(d["energy"].mean()),
+                "atc_mc": atc_predict(mc, ref["thr"]["mc"]),
+                "atc_ne": atc_predict(neg_entropy(p1), ref["thr"]["ne"]),
+                "atc_mc_ts": atc_predict(mc_ts, ref["thr"]["mc_ts"]),
+                "atc_ne_ts": atc_predict(neg_entropy(pt), ref["thr"]["ne_ts"]),
+                "doc": doc(ref["acc"], ref["ac"], float(d["max_prob"].mean())),
+                "nuclear": nuclear_norm(p1), "nuclear_lo": lo, "nuclear_hi": hi,
+                "mano": mano(logits), "mde": mde(d["energy"].to_numpy()),
+                "rankme": rankme(_matrix(d["features"], "features", task)),
+                "temperature": ref["temp"],
+            })
+    return pd.DataFrame(rows)
+
+
+def shift_detectors(outputs: pa.Table | pd.DataFrame, *, id_domain: str, alpha: float = 0.05,
+                    n_perm: int = 200, max_n: int = 500, seed: int = 0) -> pd.DataFrame:
+    """Post-deployment: BBSD (softmax, KS, Bonferroni) and MMD (features) of every domain
+    ≠ `id_domain` against the same checkpoint's ID data, with statistics, p-values, and
+    the decision at `alpha`."""
+    f = _frame(outputs)
+    rows = []
+    for (task, ckpt), grp in f.groupby(["task", "checkpoint"], sort=True):
+        ref = _id_reference(f, task, ckpt, id_domain)
+        for domain, d in grp.groupby("domain", sort=True):
+            if domain == id_domain:
+                continue
+            b = bbsd(ref["probs"], softmax(_matrix(d["logits"], "logits", task)), alpha)
+            m = mmd_test(ref["features"], _matrix(d["features"], "features", task),
+                         n_perm=n_perm, alpha=alpha, max_n=max_n, seed=seed)
+            rows.append({"task": task, "checkpoint": ckpt, "domain": domain,
+                         "bbsd_stat": b.statistic, "bbsd_p": b.p_value, "bbsd_shift": b.shifted,
+                         "mmd2": m.statistic, "mmd_p": m.p_value, "mmd_shift": m.shifted})
+    return pd.DataFrame(rows)
