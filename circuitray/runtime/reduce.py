@@ -1,0 +1,409 @@
+"""Reduce: the discover tables in, metrics/ + evaluation/ tables, figures and MLflow runs out.
+
+Circuit metrics and baselines are computed one checkpoint at a time (its edges and outputs
+files only), so memory stays bounded by one checkpoint however large the zoo; the
+evaluation then works on small per-checkpoint / per-domain frames. The stage is skipped
+when neither its inputs (the completion markers) nor its config changed since its last run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from circuitray.config import to_dict
+from circuitray.errors import CircuitrayError, MetricError
+from circuitray.job_config import JobConfig
+from circuitray.runtime.discover import is_final, manifest_rows, read_domains, read_failures
+from circuitray.runtime.layout import JobLayout, safe_name
+from circuitray.tables import read_parquet, write_parquet_atomic
+
+KEYS = ["task", "checkpoint", "domain"]
+_MANIFEST_SKIP = {"weights", "arch_kwargs", "data_root"}
+
+
+@dataclass
+class ReduceResult:
+    """Paths and frames of one reduce run (frames are None when the stage was up to date)."""
+
+    skipped: bool
+    tables: dict[str, Path] = field(default_factory=dict)
+    figures: list[Path] = field(default_factory=list)
+    frames: dict[str, pd.DataFrame] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    run_id: str | None = None
+    seconds: float = 0.0
+
+
+def fingerprint(layout: JobLayout, cfg: JobConfig) -> str:
+    """Hash of the completion markers (names, sizes, mtimes) and everything reduce reads."""
+    h = hashlib.sha256()
+    for p in sorted(layout.checkpoints.glob("*.parquet")):
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    h.update(json.dumps({"reduce": to_dict(cfg.reduce), "tracking": to_dict(cfg.tracking),
+                         "manifest": cfg.manifest}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _per_checkpoint(layout: JobLayout, domains: pd.DataFrame, cfg: JobConfig
+                    ) -> dict[str, pd.DataFrame]:
+    """Depth metrics, CSS, baselines and accuracy, streamed checkpoint by checkpoint."""
+    from circuitray.baselines import domain_accuracy, pre_deployment_baselines
+    from circuitray.metrics.depth import depth_metrics
+    from circuitray.metrics.shift import shift_scores
+
+    r = cfg.reduce
+    parts: dict[str, list[pd.DataFrame]] = {"depth": [], "shift": [], "baselines": [],
+                                            "accuracy": []}
+    groups = domains.groupby(["task", "checkpoint"], sort=True)
+    total, start = groups.ngroups, time.monotonic()
+    for i, ((task, cid), doms) in enumerate(groups, 1):
+        id_domain = doms.loc[doms.role == "id", "domain"].iloc[0]
+        edges = read_parquet(layout.edges / safe_name(task) / safe_name(cid))
+        parts["depth"].append(depth_metrics(edges, taus=tuple(r.taus), targets=tuple(r.targets)))
+        if len(doms) > 1:
+            parts["shift"].append(shift_scores(edges, id_domain=id_domain,
+                                               variants=list(r.css_variants), top_n=r.top_n))
+        outputs = read_parquet(layout.outputs / safe_name(task) / safe_name(cid)).to_pandas()
+        parts["accuracy"].append(domain_accuracy(outputs))
+        parts["baselines"].append(pre_deployment_baselines(outputs, id_domain=id_domain))
+        if i % 25 == 0 or i == total:
+            print(f"[reduce] metrics {i}/{total} checkpoints, "
+                  f"{time.monotonic() - start:.0f}s", file=sys.stderr, flush=True)
+    return {k: pd.concat(v, ignore_index=True) if v else pd.DataFrame()
+            for k, v in parts.items()}
+
+
+def _numeric_metrics(frame: pd.DataFrame, exclude: set[str]) -> list[str]:
+    """Columns evaluation knows a direction for (unknown columns are left out, not guessed)."""
+    from circuitray.evaluation import direction
+
+    out = []
+    for col in frame.columns:
+        if col in exclude or not pd.api.types.is_numeric_dtype(frame[col]):
+            continue
+        try:
+            direction(col)
+        except MetricError:
+            continue
+        out.append(col)
+    return out
+
+
+def domain_frame(domains: pd.DataFrame, per: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per (task, checkpoint, domain): role, accuracy, DDB/Λ, CSS and baselines."""
+    frame = domains[KEYS + ["role", "kind", "severity", "n_examples"]].copy()
+    for name in ("accuracy", "depth", "shift", "baselines"):
+        part = per.get(name)
+        if part is None or part.empty:
+            continue
+        part = part.drop(columns=[c for c in ("method", "note", "n_blocks") if c in part])
+        part = part.drop(columns=[c for c in part.columns
+                                  if c in frame.columns and c not in KEYS])
+        frame = frame.merge(part, on=KEYS, how="left")
+    return frame
+
+
+def _hyper(manifest: pd.DataFrame) -> pd.DataFrame:
+    keep = [c for c in manifest.columns if c not in _MANIFEST_SKIP]
+    return manifest[keep].rename(columns={"checkpoint_id": "checkpoint"})
+
+
+def _model_frame(frame: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+    """Pre-deployment rows: one per final checkpoint × OOD domain, with id_acc and ood_acc.
+
+    Several OOD domains become separate evaluation groups (task "<task>:<ood domain>").
+    """
+    ids = frame[frame.role == "id"][["task", "checkpoint", "accuracy"]].rename(
+        columns={"accuracy": "id_acc"})
+    ood = frame[frame.role == "ood"].rename(columns={"accuracy": "ood_acc"})
+    ood = ood.drop(columns=[c for c in ("id_acc",) if c in ood]).merge(
+        ids, on=["task", "checkpoint"], how="left")
+    if ood.groupby("task")["domain"].nunique().gt(1).any():
+        ood["task"] = ood["task"] + ":" + ood["domain"]
+    hyper = _hyper(manifest).drop(columns=["task"], errors="ignore")
+    hyper = hyper.drop(columns=[c for c in hyper.columns if c in ood and c != "checkpoint"])
+    return ood.merge(hyper, on="checkpoint", how="left")
+
+
+def _safe(fn: Any, notes: list[str], what: str) -> Any:
+    try:
+        return fn()
+    except (CircuitrayError, ValueError, np.linalg.LinAlgError) as exc:
+        notes.append(f"{what}: {exc}")
+        print(f"[reduce] {what} skipped: {exc}", file=sys.stderr, flush=True)
+        return None
+
+
+def evaluate_all(frame: pd.DataFrame, models: pd.DataFrame, cfg: JobConfig,
+                 notes: list[str]) -> dict[str, pd.DataFrame]:
+    """The paper's protocol (DESIGN §5) over the domain and model frames."""
+    from circuitray import evaluation as ev
+
+    r = cfg.reduce
+    kw = {"n_boot": r.n_boot, "seed": r.seed}
+    keys = set(KEYS) | {"role", "kind", "severity", "n_examples", "accuracy", "ood_acc",
+                        "epoch", "final", "rho", "lr", "epochs", "seed"}
+    pre_metrics = [m for m in _numeric_metrics(models, keys) if not m.startswith("lam_")
+                   and not m.startswith("css_")]
+    out: dict[str, pd.DataFrame] = {}
+    if not models.empty:
+        pre = _safe(lambda: ev.pre_deployment(models, metrics=pre_metrics, target="ood_acc",
+                                              **kw), notes, "pre-deployment evaluation")
+        if pre is not None:
+            out["pre_deployment"] = pre
+        if r.group_column and r.group_column in models:
+            wg = _safe(lambda: ev.within_group(models, metrics=pre_metrics, target="ood_acc",
+                                               group_col=r.group_column, **kw),
+                       notes, "within-group evaluation")
+            if wg is not None:
+                out["within_group"] = wg
+        circuit = [m for m in pre_metrics if ev.is_circuit_metric(m)]
+        base = [m for m in pre_metrics if not ev.is_circuit_metric(m)]
+        if circuit and base:
+            pc = _safe(lambda: ev.partial_correlations(models, circuit_metrics=circuit,
+                                                       baselines=base, target="ood_acc", **kw),
+                       notes, "partial correlations")
+            if pc is not None:
+                out["partial"] = pc
+    shift = frame[frame.role == "shift"]
+    proxy = frame[frame.role == "proxy"]
+    post_metrics = [m for m in _numeric_metrics(shift, keys | {"id_acc"})
+                    if not m.startswith(("lam_", "ddb_"))]
+    if not shift.empty and post_metrics:
+        post = _safe(lambda: ev.post_deployment(shift, metrics=post_metrics, target="accuracy",
+                                                **kw), notes, "post-deployment evaluation")
+        if post is not None:
+            out["post_deployment"] = post
+        if not proxy.empty:
+            alarm = _safe(lambda: ev.silent_failure_alarm(shift, proxy, metrics=post_metrics,
+                                                          deltas=list(r.deltas)),
+                          notes, "silent-failure alarm")
+            if alarm is not None:
+                out["alarm"] = alarm
+    if out:
+        out["results"] = ev.result_table(out.get("pre_deployment"), out.get("post_deployment"),
+                                         out.get("alarm"))
+    return out
+
+
+def motifs(models: pd.DataFrame, notes: list[str]) -> dict[str, Any]:
+    """Per-task CCA motifs of vec(Λ) against OOD accuracy, and the universal motif.
+
+    A task with too few models is noted and left out rather than failing the job.
+    """
+    from circuitray.metrics.motifs import cca_motif, universal_motif
+
+    lam_cols = [c for c in models.columns if c.startswith("lam_")]
+    if models.empty or not lam_cols:
+        return {}
+    d = int(round(len(lam_cols) ** 0.5))
+    names = [f"lam_{i}_{j}" for i in range(d) for j in range(d)]
+    found, rows, weights = {}, [], []
+    for task, grp in models.groupby("task", sort=True):
+        lam = grp[names].to_numpy(np.float64).reshape(-1, d, d)
+        size = int(np.isfinite(lam).all(axis=0).all(axis=1).sum())  # crop NaN padding
+        m = _safe(lambda lam=lam, size=size, grp=grp, task=task: cca_motif(
+            lam[:, :size, :size], grp["ood_acc"].to_numpy(float), task=task),
+            notes, f"CCA motif of task {task}")
+        if m is None:
+            continue
+        found[task] = m
+        rows.append({"task": task, "n_models": len(grp), "canonical_corr": m.canonical_corr,
+                     "heldout_corr": m.heldout_corr, "reg": m.reg})
+        weights += [{"task": task, "src_depth": i, "dst_depth": j, "weight": m.motif[i, j]}
+                    for i in range(m.motif.shape[0]) for j in range(m.motif.shape[1])]
+    out: dict[str, Any] = {"task_motifs": {t: m.motif for t, m in found.items()}}
+    if rows:
+        out["summary"] = pd.DataFrame(rows)
+        out["weights"] = pd.DataFrame(weights)
+        uni = _safe(lambda: universal_motif(found), notes, "universal motif")
+        if uni is not None:
+            out["universal"] = uni
+    return out
+
+
+def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
+            evals: Mapping[str, pd.DataFrame], cfg: JobConfig, manifest: pd.DataFrame,
+            motif: Mapping[str, Any], notes: list[str]) -> list[Path]:
+    """Every figure DESIGN §6 asks for that the data at hand supports.
+
+    `frame` holds all domains of final checkpoints and ID/OOD rows of intermediate ones;
+    `models` one row per final checkpoint (× OOD domain).
+    """
+    from circuitray import plots
+
+    fig_dir = layout.figures
+    paths: list[Path] = []
+    tau = cfg.reduce.taus[0]
+    ddb = f"ddb_out_{tau:g}"
+    final = models
+    if not final.empty and ddb in final:
+        paths.append(plots.scatter_panels(final, [ddb], "ood_acc", fig_dir / "ood_vs_ddb.png",
+                                          hue="task", title="OOD accuracy vs DDB_out"))
+        results = evals.get("results")
+        base_cols = []
+        if results is not None and "kind" in results:
+            base_cols = [m for m in results[results.kind == "baseline"].metric
+                         if m in final][:5]
+        if base_cols:
+            paths.append(plots.scatter_panels(final, [ddb, *base_cols], "ood_acc",
+                                              fig_dir / "ood_vs_baselines.png", hue="task",
+                                              title="OOD accuracy: DDB_out vs best baselines"))
+    lam_cols = [c for c in models.columns if c.startswith("lam_")]
+    if lam_cols and not final.empty:
+        d = int(round(len(lam_cols) ** 0.5))
+        names = [f"lam_{i}_{j}" for i in range(d) for j in range(d)]
+        for task, part in final.groupby("task"):
+            mean = np.nanmean(part[names].to_numpy(float), axis=0).reshape(d, d)
+            paths.append(plots.heatmap(mean, fig_dir / f"lambda_{safe_name(task)}.png",
+                                       title=f"mean Λ on OOD data, {task}"))
+    for name, mat in (motif.get("task_motifs") or {}).items():
+        paths.append(plots.heatmap(np.asarray(mat), fig_dir / f"motif_{safe_name(name)}.png",
+                                   title=f"CCA motif, {name}", diverging=True))
+    if motif.get("universal") is not None:
+        paths.append(plots.heatmap(np.asarray(motif["universal"]),
+                                   fig_dir / "motif_universal.png",
+                                   title="universal motif", diverging=True))
+    shift = frame[frame.role == "shift"]
+    css = [c for c in shift.columns if c.startswith("css_")]
+    if not shift.empty and css:
+        paths.append(plots.scatter_panels(shift, css, "accuracy", fig_dir / "css_vs_acc.png",
+                                          hue="checkpoint", y_label="domain accuracy",
+                                          title="post-deployment: CSS vs domain accuracy"))
+        proxy = frame[frame.role == "proxy"]
+        metric = "css_srcc" if "css_srcc" in css else css[0]
+        if not proxy.empty:
+            from circuitray.evaluation import calibrate_threshold
+
+            first = shift.checkpoint.iloc[0]
+            p = proxy[proxy.checkpoint == first]
+            delta = cfg.reduce.deltas[len(cfg.reduce.deltas) // 2]
+            thr = calibrate_threshold(p[metric], p["accuracy"], delta)
+            paths.append(plots.alarm_plot(p, shift[shift.checkpoint == first], metric,
+                                          fig_dir / "alarm.png", delta=delta, threshold=thr,
+                                          title=f"alarm on {metric}, {first}"))
+    inter = frame[(frame.role == "ood")].merge(
+        _hyper(manifest)[[c for c in ("checkpoint", "epoch", "parent_id")
+                          if c in _hyper(manifest)]], on="checkpoint", how="left")
+    if {"epoch", "parent_id"} <= set(inter.columns) and ddb in inter and \
+            inter.groupby("parent_id").size().gt(1).any():
+        paths.append(plots.trajectories(inter.dropna(subset=["epoch"]), "epoch", ddb,
+                                        "parent_id", fig_dir / "ddb_over_training.png",
+                                        title="DDB_out on OOD data over training"))
+    if not final.empty:
+        task, cid, dom = final.iloc[0][["task", "checkpoint", "domain"]]
+        edges = read_parquet(layout.edges_file(task, cid, dom)).to_pandas()
+        paths.append(plots.circuit_drawing(edges, fig_dir / "circuit.png", top_n=40,
+                                           title=f"circuit of {cid} on {dom} (top 40 edges)"))
+    return paths
+
+
+def _headline(evals: Mapping[str, pd.DataFrame]) -> dict[str, float]:
+    """Every numeric cell of the side-by-side result table, as metric.<column>."""
+    res = evals.get("results")
+    if res is None or res.empty:
+        return {}
+    out = {}
+    for _, row in res.iterrows():
+        for col, val in row.items():
+            if col != "metric" and isinstance(val, (int, float, np.floating)):
+                out[f"{row['metric']}.{col}"] = float(val)
+    return out
+
+
+def _log_mlflow(cfg: JobConfig, layout: JobLayout, manifest: pd.DataFrame, frame: pd.DataFrame,
+                models: pd.DataFrame, evals: Mapping[str, pd.DataFrame], result: ReduceResult,
+                summary: Mapping[str, Any]) -> str:
+    from circuitray.tracking import ChildRun, default_tracking_uri, flatten, log_job
+
+    uri = cfg.tracking.uri or default_tracking_uri(layout.root)
+    per_ckpt = models.groupby("checkpoint").first() if not models.empty else pd.DataFrame()
+    children = []
+    metric_cols = [c for c in per_ckpt.columns if not c.startswith("lam_")
+                   and pd.api.types.is_numeric_dtype(per_ckpt[c])]
+    hyper = _hyper(manifest).set_index("checkpoint")
+    for cid, hp in hyper.iterrows():
+        metrics = per_ckpt.loc[cid, metric_cols].to_dict() if cid in per_ckpt.index else {}
+        post = frame[(frame.checkpoint == cid) & (frame.role == "shift")]
+        for c in [c for c in post.columns if c.startswith("css_") or c == "accuracy"]:
+            metrics[f"shift_mean.{c}"] = float(post[c].mean()) if len(post) else float("nan")
+        children.append(ChildRun(str(cid), params=hp.to_dict(), metrics=metrics,
+                                 tags={"checkpoint": str(cid)}))
+    artifacts = [(p, "tables/evaluation") for p in result.tables.values()
+                 if p.parent == layout.evaluation]
+    artifacts += [(p, "figures") for p in result.figures]
+    artifacts += [(layout.root / "failures", "tables/failures")]
+    params = flatten(to_dict(cfg))
+    headline = {**_headline(evals), **{f"job.{k}": v for k, v in summary.items()}}
+    return log_job(tracking_uri=uri, experiment=cfg.tracking.experiment,
+                   artifact_root=layout.root / "mlartifacts",
+                   run_name=cfg.tracking.run_name or cfg.name, params=params,
+                   metrics=headline, artifacts=artifacts, children=children,
+                   tags={"output_dir": str(layout.root)})
+
+
+def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
+    """Compute metrics/ and evaluation/ tables, figures and the MLflow runs of a job."""
+    start = time.perf_counter()
+    layout = JobLayout.of(cfg.output_dir)
+    stamp = layout.evaluation / "_reduce.json"
+    fp = fingerprint(layout, cfg)
+    if not force and stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fp:
+        print("[reduce] up to date: inputs and config unchanged, nothing recomputed",
+              file=sys.stderr, flush=True)
+        return ReduceResult(skipped=True, run_id=json.loads(stamp.read_text()).get("run_id"))
+    domains = read_domains(layout)
+    if domains.empty:
+        raise CircuitrayError(f"{layout.root}: no completed checkpoints to reduce "
+                              "(run discover first)")
+    manifest = pd.DataFrame(manifest_rows(dataclasses.replace(cfg, checkpoints=None)))
+    finals = {r["checkpoint_id"] for r in manifest.to_dict("records") if is_final(r)}
+    result = ReduceResult(skipped=False)
+    per = _per_checkpoint(layout, domains, cfg)
+    frame = domain_frame(domains, per)
+    all_models = _model_frame(frame, manifest)
+    models = all_models[all_models.checkpoint.isin(finals)].reset_index(drop=True)
+    frame = frame[frame.checkpoint.isin(finals) | frame.role.isin(["id", "ood"])]
+    for name, df in per.items():
+        if not df.empty:
+            result.tables[name] = write_parquet_atomic(df, layout.metrics / f"{name}.parquet")
+    result.tables["domains"] = write_parquet_atomic(frame, layout.metrics / "domains.parquet")
+    result.tables["models"] = write_parquet_atomic(all_models, layout.metrics / "models.parquet")
+    evals = evaluate_all(frame[frame.checkpoint.isin(finals)], models, cfg, result.notes)
+    motif = motifs(models, result.notes)
+    for name, df in evals.items():
+        result.tables[name] = write_parquet_atomic(df, layout.evaluation / f"{name}.parquet")
+    for name, val in motif.items():
+        if isinstance(val, pd.DataFrame):
+            result.tables[f"motif_{name}"] = write_parquet_atomic(
+                val, layout.evaluation / f"motif_{name}.parquet")
+    if cfg.reduce.figures:
+        result.figures = _safe(lambda: figures(layout, frame, models, evals, cfg, manifest,
+                                               motif, result.notes),
+                               result.notes, "figures") or []
+    result.frames = {"domains": frame, "models": models, **evals}
+    failures = read_failures(layout)
+    summary = {"checkpoints_complete": int(domains.checkpoint.nunique()),
+               "checkpoints_failed": int(len(failures)),
+               "domains": int(len(domains))}
+    if cfg.tracking.enabled:
+        result.run_id = _log_mlflow(cfg, layout, manifest, frame, models, evals, result, summary)
+    result.seconds = time.perf_counter() - start
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps({"fingerprint": fp, "run_id": result.run_id,
+                                 "notes": result.notes, "seconds": result.seconds}, indent=1))
+    print(f"[reduce] {summary['checkpoints_complete']} checkpoints, {len(result.tables)} tables, "
+          f"{len(result.figures)} figures in {result.seconds:.1f}s", file=sys.stderr, flush=True)
+    return result

@@ -1,0 +1,120 @@
+"""The job on an embedded local Ray: failures recorded, killed workers survived, re-runs free."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+from _jobdata import write_checkpoints
+
+from circuitray.job_config import JobConfig, load_job_config
+from circuitray.runtime.discover import (
+    domain_specs,
+    manifest_rows,
+    read_domains,
+    read_failures,
+    run_discover,
+)
+from circuitray.runtime.layout import JobLayout
+from circuitray.tables import read_parquet
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _config(tmp: Path, manifest: Path, *extra: str) -> JobConfig:
+    return load_job_config(CONF, [f"manifest={manifest}", f"output_dir={tmp / 'job'}", *extra])
+
+
+def _files(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
+            if p.is_file() and p.suffix == ".parquet"}
+
+
+def _assert_each_output_once(cfg: JobConfig, checkpoints: list[str]) -> None:
+    layout = JobLayout.of(cfg.output_dir)
+    rows = {r["checkpoint_id"]: r for r in manifest_rows(cfg)}
+    edges = read_parquet(layout.edges).to_pandas()
+    outputs = read_parquet(layout.outputs).to_pandas()
+    for cid in checkpoints:
+        names = [s.name for s in domain_specs(rows[cid], cfg)]
+        e = edges[edges.checkpoint == cid]
+        o = outputs[outputs.checkpoint == cid]
+        assert sorted(e.domain.unique()) == sorted(names)
+        assert sorted(o.domain.unique()) == sorted(names)
+        assert not e.duplicated(["domain", "src", "dst"]).any()
+        assert not o.duplicated(["domain", "example"]).any()
+        assert (o.groupby("domain").size() == cfg.data.limit).all()
+        marker = pq.read_table(layout.marker(cid)).to_pandas()
+        assert sorted(marker.domain) == sorted(names)
+    assert not list(layout.root.rglob("*.tmp")), "a temporary file was left behind"
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_lands_in_failures_and_rerun_recomputes_nothing(
+        tmp_path: Path, local_ray) -> None:
+    manifest = write_checkpoints(tmp_path, 2, corrupt=("truncated",))
+    cfg = _config(tmp_path, manifest)
+    first = run_discover(cfg)
+    assert sorted(first.done) == ["ckpt0", "ckpt1"] and first.failed == ["truncated"]
+    failures = read_failures(JobLayout.of(cfg.output_dir))
+    assert failures.to_dict("records")[0] | {"error": ""} == {
+        "checkpoint": "truncated", "stage": "load", "error_type": "CheckpointError", "error": ""}
+    assert "truncated.safetensors" in failures.error[0]
+    _assert_each_output_once(cfg, ["ckpt0", "ckpt1"])
+    domains = read_domains(JobLayout.of(cfg.output_dir))
+    assert set(domains.role) == {"id", "ood", "shift", "proxy"}
+
+    before = _files(Path(cfg.output_dir))
+    second = run_discover(cfg)
+    assert sorted(second.skipped) == ["ckpt0", "ckpt1"] and second.done == []
+    assert second.failed == ["truncated"]  # retried, still broken, still recorded once
+    after = _files(Path(cfg.output_dir))
+    assert {k: v for k, v in after.items() if not k.startswith("failures")} == {
+        k: v for k, v in before.items() if not k.startswith("failures")}
+
+
+@pytest.mark.slow
+def test_killed_worker_is_retried_and_every_output_is_written_once(
+        tmp_path: Path, local_ray) -> None:
+    manifest = write_checkpoints(tmp_path, 2)
+    # enough domains and examples that the victim is killed between its domains
+    cfg = _config(tmp_path, manifest, "data.limit=64", "data.attribution_limit=32",
+                  "data.shift_severities=[1, 2, 3, 4, 5]", "data.proxy_severities=[1, 2, 3, 4, 5]")
+    layout = JobLayout.of(cfg.output_dir)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("summary", run_discover(cfg)))
+    thread.start()
+    victim = layout.running_file("ckpt0")
+    killed_pid = None
+    deadline = time.monotonic() + 120
+    while killed_pid is None and time.monotonic() < deadline and thread.is_alive():
+        done_domains = list((layout.edges / "toy" / "ckpt0").glob("*.parquet")) \
+            if (layout.edges / "toy" / "ckpt0").exists() else []
+        if victim.exists() and done_domains:
+            import json
+
+            pid = json.loads(victim.read_text())["pid"]
+            os.kill(pid, signal.SIGKILL)
+            killed_pid = pid
+        time.sleep(0.01)
+    thread.join(timeout=180)
+    assert killed_pid is not None, "the discover task finished before it could be killed"
+    summary = result["summary"]
+    assert sorted(summary.done) == ["ckpt0", "ckpt1"] and summary.failed == []
+    _assert_each_output_once(cfg, ["ckpt0", "ckpt1"])
+    marker = pq.read_table(layout.marker("ckpt0")).to_pandas()
+    assert marker.resumed.any(), "the retry should have reused the killed attempt's domains"
+    assert not marker.resumed.all()

@@ -1,0 +1,141 @@
+"""A real Ray head on loopback, `ray job submit` of jobs/pipeline.py, results at absolute paths.
+
+Only processes this test starts are stopped: `ray start --block` runs in its own session and
+that process group is terminated in a `finally` (never `ray stop`, which would also end other
+Ray instances on the machine).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from _jobdata import write_checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer in {timeout}s")
+
+
+def _stop(head: subprocess.Popen) -> None:
+    """SIGTERM the `ray start --block` group (Ray shuts its processes down), then SIGKILL."""
+    try:
+        pgid = os.getpgid(head.pid)
+    except ProcessLookupError:
+        return
+    os.killpg(pgid, signal.SIGTERM)
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    time.sleep(1)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.mark.slow
+def test_ray_job_submit_on_loopback_cluster_writes_tables_and_mlflow_runs(tmp_path: Path) -> None:
+    manifest = write_checkpoints(tmp_path, 2, corrupt=("truncated",))
+    out = tmp_path / "job-out"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash, agent, agent_grpc, node_mgr, obj_mgr, rt_env, metrics = _free_ports(8)
+    temp_dir = tempfile.mkdtemp(prefix="crj", dir="/tmp")  # short: unix socket path limit
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}",
+         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--node-manager-port={node_mgr}",
+         f"--object-manager-port={obj_mgr}", f"--runtime-env-agent-port={rt_env}",
+         f"--metrics-export-port={metrics}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+         "--disable-usage-stats"],
+        env=env, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_http(f"{address}/api/version", 120)
+        submit = None
+        for _ in range(10):  # the job agent can come up a few seconds after the dashboard
+            submit = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", f"--address={address}",
+                 "--submission-id=tiny-job", "--working-dir", str(REPO), "--",
+                 "python", "jobs/pipeline.py", "conf/tiny.yaml", f"manifest={manifest}",
+                 f"output_dir={out}"],
+                env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+            if "tiny-job" in submit.stdout + submit.stderr and "already exists" not in \
+                    submit.stderr and submit.returncode == 0:
+                break
+            if "Failed to connect" not in submit.stderr and "not ready" not in submit.stderr:
+                break
+            time.sleep(3)
+        log = submit.stdout + submit.stderr
+        status = subprocess.run([str(BIN / "ray"), "job", "status", f"--address={address}",
+                                 "tiny-job"], env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert "SUCCEEDED" in status.stdout + status.stderr, log[-6000:]
+    finally:
+        _stop(head)
+    assert head.poll() is not None, "ray start --block is still running"
+
+    from mlflow.tracking import MlflowClient
+
+    from circuitray.runtime.discover import read_failures
+    from circuitray.runtime.layout import JobLayout
+    from circuitray.tables import EDGE_SCHEMA, OUTPUT_SCHEMA, read_parquet
+
+    layout = JobLayout.of(out)
+    edges = read_parquet(layout.edges, EDGE_SCHEMA).to_pandas()
+    outputs = read_parquet(layout.outputs, OUTPUT_SCHEMA).to_pandas()
+    assert sorted(edges.checkpoint.unique()) == ["ckpt0", "ckpt1"]
+    assert sorted(outputs.checkpoint.unique()) == ["ckpt0", "ckpt1"]
+    assert read_failures(layout).checkpoint.tolist() == ["truncated"]
+    assert (layout.metrics / "depth.parquet").exists()
+    assert list(layout.evaluation.glob("*.parquet"))
+    db = out / "mlflow.db"
+    assert db.exists(), "MLflow store must be at the absolute output path, not the job's cwd"
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("circuitray-tiny")
+    assert exp.artifact_location == (out / "mlartifacts").as_uri()
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1
+    assert parents[0].data.params["data.limit"] == "16"
+    assert sorted(r.info.run_name for r in children) == ["ckpt0", "ckpt1", "truncated"]
+    assert {r.info.run_name: r.data.params.get("lr") for r in children}["ckpt1"] == "0.001"
