@@ -92,3 +92,20 @@ def test_missing_high_block_mass_is_nan_with_reason_in_table_and_error_alone() -
 def test_missing_column_is_named() -> None:
     with pytest.raises(TableError, match="score"):
         depth_metrics(toy().drop(columns="score"))
+
+
+def test_mixed_depths_and_chunked_dictionary_tables_are_grouped_per_architecture() -> None:
+    import pyarrow as pa
+
+    a = synthetic_edges(n_blocks=4, n_heads=2, checkpoints=["x", "y"], domains=["id"],
+                        dictionary=True)
+    b = synthetic_edges(n_blocks=6, n_heads=2, checkpoints=["z"], domains=["id"],
+                        dictionary=True, seed=1)
+    out = depth_metrics(pa.concat_tables([a, b]), taus=(0.25,))
+    assert list(out.checkpoint) == ["x", "y", "z"]
+    assert list(out.n_blocks) == [4, 4, 6]
+    lam = lambda_matrices(out)  # padded to the deepest model (8×8), NaN beyond a model's size
+    assert np.isnan(lam[0, 6:, :]).all() and np.isfinite(lam[2]).all()
+    single = a.to_pandas().query("checkpoint == 'y'")
+    assert out[ddb_column("deep", 0.25)].iloc[1] == pytest.approx(
+        dependency_depth_bias(single, n_blocks=4, tau=0.25, target="deep"))

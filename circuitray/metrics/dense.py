@@ -52,21 +52,24 @@ def as_table(edges: pa.Table | pd.DataFrame, what: str = "edges") -> pa.Table:
 
 
 def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(int64 codes per row, distinct values) for a string or dictionary column."""
+    """(integer codes per row, in the narrowest dtype Arrow gives, and distinct values) for a
+    string or dictionary column. Chunks with different dictionaries are unified first."""
     if not pa.types.is_dictionary(col.type):
         col = pc.dictionary_encode(col)
-    chunks = col.chunks
-    if len(chunks) == 0:
-        return np.zeros(0, np.int64), np.array([], dtype=object)
-    dictionary = chunks[0].dictionary
-    if any(not c.dictionary.equals(dictionary) for c in chunks[1:]):
-        col = pc.dictionary_encode(col.cast(dictionary.type))
-        chunks = col.chunks
-        dictionary = chunks[0].dictionary
     if col.null_count:
         raise TableError(f"column has {col.null_count} null value(s)")
-    idx = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in chunks])
-    return idx.astype(np.int64, copy=False), np.asarray(dictionary.to_pylist(), dtype=object)
+    chunks = col.chunks
+    if len(chunks) == 0:
+        return np.zeros(0, np.int32), np.array([], dtype=object)
+    dictionary = chunks[0].dictionary
+    if any(not c.dictionary.equals(dictionary) for c in chunks[1:]):
+        col = col.unify_dictionaries() if hasattr(col, "unify_dictionaries") else \
+            pc.dictionary_encode(col.cast(dictionary.type))
+        chunks = col.chunks
+        dictionary = chunks[0].dictionary
+    parts = [c.indices.to_numpy(zero_copy_only=False) for c in chunks]
+    idx = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return idx, np.asarray(dictionary.to_pylist(), dtype=object)
 
 
 def _numeric(table: pa.Table, name: str, dtype: type) -> np.ndarray:
@@ -79,32 +82,40 @@ def _numeric(table: pa.Table, name: str, dtype: type) -> np.ndarray:
 def edge_blocks(edges: pa.Table | pd.DataFrame) -> list[EdgeBlock]:
     """Group an edges table into dense blocks of circuits with identical edge sets.
 
-    Fast path (the discover stage writes one circuit after another, edges in forward order):
-    no sort at all, the score column is reshaped in place. Otherwise rows are sorted once by
-    circuit and, where a circuit's edge order differs from its block's, by edge.
+    Fast path (the discover stage writes one circuit after another, each in the same edge
+    order): no sort and no copy, the score column is reshaped in place. Otherwise rows are
+    sorted once by circuit and, where a circuit's edge order differs from its block's, by edge.
+    Peak memory beyond the table is about two int64 columns (circuit key, edge key).
     """
     table = as_table(edges)
     if table.num_rows == 0:
         raise TableError("edges: table is empty")
-    key_codes, key_values = zip(*(_codes(table.column(k)) for k in KEYS), strict=True)
     gkey = np.zeros(table.num_rows, np.int64)
-    for codes, values in zip(key_codes, key_values, strict=True):
-        gkey = gkey * max(len(values), 1) + codes
+    key_values = []
+    for k in KEYS:  # one column's codes alive at a time
+        try:
+            codes, values = _codes(table.column(k))
+        except TableError as exc:
+            raise TableError(f"edges: column '{k}': {exc}") from None
+        gkey *= max(len(values), 1)
+        gkey += codes
+        key_values.append(values)
+        del codes
     src_c, src_v = _codes(table.column("src"))
     dst_c, dst_v = _codes(table.column("dst"))
-    ekey = src_c * len(dst_v) + dst_c
+    ekey = src_c.astype(np.int64) * len(dst_v)
+    ekey += dst_c
     del src_c, dst_c
     score = _numeric(table, "score", np.float32)
     sdep = _numeric(table, "src_depth", np.int16)
     ddep = _numeric(table, "dst_depth", np.int16)
 
-    starts = np.flatnonzero(np.diff(gkey)) + 1
-    starts = np.concatenate([[0], starts])
+    starts = np.concatenate([[0], np.flatnonzero(gkey[1:] != gkey[:-1]) + 1])
     if len(np.unique(gkey[starts])) != len(starts):  # a circuit's rows are not contiguous
         order = np.argsort(gkey, kind="stable")
         gkey, ekey, score, sdep, ddep = (a[order] for a in (gkey, ekey, score, sdep, ddep))
         del order
-        starts = np.concatenate([[0], np.flatnonzero(np.diff(gkey)) + 1])
+        starts = np.concatenate([[0], np.flatnonzero(gkey[1:] != gkey[:-1]) + 1])
     sizes = np.diff(np.append(starts, len(gkey)))
 
     def decode(rows: np.ndarray) -> pd.DataFrame:
@@ -118,35 +129,40 @@ def edge_blocks(edges: pa.Table | pd.DataFrame) -> list[EdgeBlock]:
     blocks: list[EdgeBlock] = []
     for size in np.unique(sizes):
         first = starts[sizes == size]
-        rows = first[:, None] + np.arange(size)[None, :] if len(first) * size != len(gkey) \
-            else np.arange(len(gkey)).reshape(len(first), size)
-        ek = ekey[rows]
-        sc = score[rows]
+        if len(first) * size == len(gkey):  # every circuit has this size: views, no copies
+            def take(a: np.ndarray, g: int = len(first), s: int = int(size)) -> np.ndarray:
+                return a.reshape(g, s)
+        else:
+            rows = first[:, None] + np.arange(size)[None, :]
+
+            def take(a: np.ndarray, rows: np.ndarray = rows) -> np.ndarray:
+                return a[rows]
+        ek, sc, sd, dd = take(ekey), take(score), take(sdep), take(ddep)
         same = (ek == ek[0]).all(axis=1)
         if not same.all():  # restore a common edge order by sorting each circuit by edge
             perm = np.argsort(ek, axis=1, kind="stable")
-            ek = np.take_along_axis(ek, perm, axis=1)
-            sc = np.take_along_axis(sc, perm, axis=1)
-            rows = np.take_along_axis(rows, perm, axis=1)
+            ek, sc, sd, dd = (np.take_along_axis(a, perm, axis=1) for a in (ek, sc, sd, dd))
+            del perm
         dup = (ek[:, 1:] == ek[:, :-1]).any(axis=1)
         if dup.any():
             bad = decode(first[np.flatnonzero(dup)[:1]]).iloc[0].to_dict()
             raise TableError(f"edges: circuit {bad} lists the same edge twice")
         # circuits of equal size may still differ in their edge sets: one block per set
-        _, set_id = np.unique(ek, axis=0, return_inverse=True) if not same.all() \
-            else (None, np.zeros(len(first), np.int64))
+        set_id = (np.unique(ek, axis=0, return_inverse=True)[1].reshape(-1) if not same.all()
+                  else np.zeros(len(first), np.int64))
         for s in np.unique(set_id):
             members = np.flatnonzero(set_id == s)
-            r0 = rows[members[0]]
-            blocks.append(EdgeBlock(
+            every = len(members) == len(first)
+            block = EdgeBlock(
                 keys=decode(first[members]),
-                scores=sc[members] if len(members) < len(first) else sc,
-                src=src_v[ekey[r0] // len(dst_v)],
-                dst=dst_v[ekey[r0] % len(dst_v)],
-                src_depth=sdep[r0],
-                dst_depth=ddep[r0],
-            ))
-            _check_depths(blocks[-1], sdep[rows[members]], ddep[rows[members]])
+                scores=sc if every else sc[members],
+                src=src_v[ek[members[0]] // len(dst_v)],
+                dst=dst_v[ek[members[0]] % len(dst_v)],
+                src_depth=sd[members[0]].copy(),
+                dst_depth=dd[members[0]].copy(),
+            )
+            _check_depths(block, sd if every else sd[members], dd if every else dd[members])
+            blocks.append(block)
     return blocks
 
 
