@@ -50,21 +50,19 @@ def _wait_http(url: str, timeout: float) -> None:
 
 
 def _stop(head: subprocess.Popen) -> None:
-    """SIGTERM the `ray start --block` group (Ray shuts its processes down), then SIGKILL."""
+    """SIGTERM `ray start --block` (it drains and stops its node), then SIGKILL what is left
+    of its process group (its own session, so nothing else on the machine is touched)."""
+    pgid = head.pid  # start_new_session=True: the group id is the leader's pid
+    head.send_signal(signal.SIGTERM)
     try:
-        pgid = os.getpgid(head.pid)
-    except ProcessLookupError:
-        return
-    os.killpg(pgid, signal.SIGTERM)
-    try:
-        head.wait(timeout=30)
+        head.wait(timeout=60)
     except subprocess.TimeoutExpired:
         pass
-    time.sleep(1)
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    head.wait(timeout=30)
 
 
 @pytest.mark.slow
@@ -75,7 +73,7 @@ def test_ray_job_submit_on_loopback_cluster_writes_tables_and_mlflow_runs(tmp_pa
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dash, agent, agent_grpc, node_mgr, obj_mgr, rt_env, metrics = _free_ports(8)
+    gcs, dash, agent, agent_grpc, node_mgr, obj_mgr, rt_env, metrics, client = _free_ports(9)
     temp_dir = tempfile.mkdtemp(prefix="crj", dir="/tmp")  # short: unix socket path limit
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}",
@@ -83,7 +81,8 @@ def test_ray_job_submit_on_loopback_cluster_writes_tables_and_mlflow_runs(tmp_pa
          f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
          f"--dashboard-agent-grpc-port={agent_grpc}", f"--node-manager-port={node_mgr}",
          f"--object-manager-port={obj_mgr}", f"--runtime-env-agent-port={rt_env}",
-         f"--metrics-export-port={metrics}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+         f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
+         "--num-cpus=2", f"--temp-dir={temp_dir}",
          "--disable-usage-stats"],
         env=env, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)

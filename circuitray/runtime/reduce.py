@@ -59,13 +59,13 @@ def fingerprint(layout: JobLayout, cfg: JobConfig) -> str:
 def _per_checkpoint(layout: JobLayout, domains: pd.DataFrame, cfg: JobConfig
                     ) -> dict[str, pd.DataFrame]:
     """Depth metrics, CSS, baselines and accuracy, streamed checkpoint by checkpoint."""
-    from circuitray.baselines import domain_accuracy, pre_deployment_baselines
+    from circuitray.baselines import domain_accuracy, pre_deployment_baselines, shift_detectors
     from circuitray.metrics.depth import depth_metrics
     from circuitray.metrics.shift import shift_scores
 
     r = cfg.reduce
     parts: dict[str, list[pd.DataFrame]] = {"depth": [], "shift": [], "baselines": [],
-                                            "accuracy": []}
+                                            "detectors": [], "accuracy": []}
     groups = domains.groupby(["task", "checkpoint"], sort=True)
     total, start = groups.ngroups, time.monotonic()
     for i, ((task, cid), doms) in enumerate(groups, 1):
@@ -78,6 +78,9 @@ def _per_checkpoint(layout: JobLayout, domains: pd.DataFrame, cfg: JobConfig
         outputs = read_parquet(layout.outputs / safe_name(task) / safe_name(cid)).to_pandas()
         parts["accuracy"].append(domain_accuracy(outputs))
         parts["baselines"].append(pre_deployment_baselines(outputs, id_domain=id_domain))
+        if len(doms) > 1:
+            parts["detectors"].append(shift_detectors(outputs, id_domain=id_domain,
+                                                      seed=r.seed))
         if i % 25 == 0 or i == total:
             print(f"[reduce] metrics {i}/{total} checkpoints, "
                   f"{time.monotonic() - start:.0f}s", file=sys.stderr, flush=True)
@@ -91,7 +94,9 @@ def _numeric_metrics(frame: pd.DataFrame, exclude: set[str]) -> list[str]:
 
     out = []
     for col in frame.columns:
-        if col in exclude or not pd.api.types.is_numeric_dtype(frame[col]):
+        if (col in exclude or col.endswith(("_lo", "_hi"))
+                or not pd.api.types.is_numeric_dtype(frame[col])
+                or pd.api.types.is_bool_dtype(frame[col])):
             continue
         try:
             direction(col)
@@ -104,7 +109,7 @@ def _numeric_metrics(frame: pd.DataFrame, exclude: set[str]) -> list[str]:
 def domain_frame(domains: pd.DataFrame, per: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """One row per (task, checkpoint, domain): role, accuracy, DDB/Λ, CSS and baselines."""
     frame = domains[KEYS + ["role", "kind", "severity", "n_examples"]].copy()
-    for name in ("accuracy", "depth", "shift", "baselines"):
+    for name in ("accuracy", "depth", "shift", "baselines", "detectors"):
         part = per.get(name)
         if part is None or part.empty:
             continue
@@ -155,8 +160,9 @@ def evaluate_all(frame: pd.DataFrame, models: pd.DataFrame, cfg: JobConfig,
     kw = {"n_boot": r.n_boot, "seed": r.seed}
     keys = set(KEYS) | {"role", "kind", "severity", "n_examples", "accuracy", "ood_acc",
                         "epoch", "final", "rho", "lr", "epochs", "seed"}
-    pre_metrics = [m for m in _numeric_metrics(models, keys) if not m.startswith("lam_")
-                   and not m.startswith("css_")]
+    # shift detectors compare a deployment domain with ID data: post-deployment only
+    pre_metrics = [m for m in _numeric_metrics(models, keys)
+                   if not m.startswith(("lam_", "css_", "bbsd_", "mmd"))]
     out: dict[str, pd.DataFrame] = {}
     if not models.empty:
         pre = _safe(lambda: ev.pre_deployment(models, metrics=pre_metrics, target="ood_acc",
