@@ -151,3 +151,12 @@ def test_unknown_variant_is_refused() -> None:
     t = synthetic_edges(n_blocks=2, n_heads=2, checkpoints=["c"], domains=["id", "ood"])
     with pytest.raises(MetricError, match="unknown variant"):
         shift_scores(t, id_domain="id", variants=["spearman"])
+
+
+def test_rank_rows_equals_scipy_rankdata_with_ties() -> None:
+    from circuitray.metrics.shift import rank_rows
+
+    x = np.random.default_rng(6).standard_normal((5, 300)).astype(np.float32)
+    x[:, :40] = 0.0
+    x[:, 100:160] = np.round(x[:, 100:160])
+    np.testing.assert_array_equal(rank_rows(x), scipy.stats.rankdata(x, axis=1))

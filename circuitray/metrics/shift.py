@@ -143,6 +143,25 @@ def _rowwise_corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(den > 0, (a * b).sum(axis=1) / den, np.nan)
 
 
+def rank_rows(x: np.ndarray) -> np.ndarray:
+    """Average ranks (1-based, ties share their mean rank) along axis 1: scipy's
+    rankdata(axis=1), about twice as fast on [circuits, 32k edges]."""
+    n_rows, n_cols = x.shape
+    order = np.argsort(x, axis=1)
+    s = np.take_along_axis(x, order, axis=1)
+    new = np.ones((n_rows, n_cols), bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]
+    pos = np.arange(n_cols)
+    start = np.where(new, pos, 0)
+    np.maximum.accumulate(start, axis=1, out=start)
+    last = np.ones((n_rows, n_cols), bool)
+    last[:, :-1] = new[:, 1:]
+    end = np.minimum.accumulate(np.where(last, pos, n_cols - 1)[:, ::-1], axis=1)[:, ::-1]
+    ranks = np.empty((n_rows, n_cols))
+    np.put_along_axis(ranks, order, (start + end) / 2 + 1, axis=1)
+    return ranks
+
+
 def _chunks(n_rows: int, n_cols: int) -> list[slice]:
     step = max(1, _CHUNK // max(n_cols, 1))
     return [slice(i, i + step) for i in range(0, n_rows, step)]
@@ -162,7 +181,7 @@ def _vector_scores(x: np.ndarray, id_rows: np.ndarray, d_rows: np.ndarray, varia
         pos[used] = np.arange(len(used))
         ranks = np.empty((len(used), x.shape[1]), np.float64)
         for sl in _chunks(len(used), x.shape[1]):
-            ranks[sl] = scipy.stats.rankdata(x[used[sl]], axis=1)
+            ranks[sl] = rank_rows(x[used[sl]])
     for sl in _chunks(len(id_rows), x.shape[1]):
         i, d = id_rows[sl], d_rows[sl]
         if variant == "srcc":
