@@ -195,3 +195,33 @@ def test_result_table_puts_circuit_metrics_and_baselines_side_by_side() -> None:
                                                   PAPER_RESULTS["pre"]["ac"]]
     for col in ("pre_composite", "pre_composite_lo", "pre_composite_hi", "pre_srcc_lo"):
         assert col in table.columns
+
+
+def test_metrics_baselines_and_evaluation_never_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, circuitray.metrics, circuitray.baselines, circuitray.evaluation; "
+            "print([m for m in sys.modules if m.split('.')[0] in ('torch', 'ray')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_result_table_joins_pre_post_and_alarm_rows_per_metric() -> None:
+    rng = np.random.default_rng(8)
+    pre = pre_deployment(zoo(), metrics=["ddb_out_0.3", "ac"], n_boot=50)
+    rows = []
+    for c in ("m0", "m1", "m2", "m3"):
+        for d, a in enumerate(rng.uniform(0.5, 0.99, 6)):
+            rows.append({"task": "t", "checkpoint": c, "domain": f"d{d}", "accuracy": a,
+                         "css_srcc": 1 - a + 0.05 * rng.normal(), "ac": rng.normal()})
+    post_frame = pd.DataFrame(rows)
+    post = post_deployment(post_frame, metrics=["css_srcc", "ac"], n_boot=50)
+    alarm = silent_failure_alarm(post_frame, post_frame, metrics=["css_srcc", "ac"])
+    table = result_table(pre=pre, post=post, alarm=alarm).set_index("metric")
+    assert set(table.index) == {"ddb_out_0.3", "ac", "css_srcc"}
+    assert np.isnan(table.loc["css_srcc", "pre_composite"])  # not a pre-deployment metric
+    assert table.loc["css_srcc", "post_composite"] > 0.5
+    assert table.loc["css_srcc", "paper_post_composite"] == PAPER_RESULTS["post"]["css_srcc"]
+    assert table.loc["css_srcc", "alarm_auroc"] > table.loc["ac", "alarm_auroc"]
+    assert table.loc["css_srcc", "kind"] == "circuit" and table.loc["ac", "kind"] == "baseline"
