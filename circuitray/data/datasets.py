@@ -1,0 +1,260 @@
+"""Image domains a user brings: DomainBed-style folders and Parquet image tables.
+
+Every dataset yields ``(image, label, domain)`` with label −1 for unlabeled images. Images go
+through an `ImageTransform` in two steps — `to_unit` (decode, resize/crop to the model's
+resolution, float in [0, 1]) then `normalize` (the model's mean/std) — so that corruptions
+(`circuitray.data.shifts.ShiftedDataset`) can act in between, on the [0, 1] image a camera
+would have produced, exactly as ImageNet-C/CIFAR-10-C define them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from circuitray.errors import DataError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+UNLABELED = -1
+
+_INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
+           "nearest": InterpolationMode.NEAREST, "lanczos": InterpolationMode.LANCZOS}
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """A model's eval preprocessing, split so corruptions can act on the [0, 1] image.
+
+    `crop_pct` resize-then-center-crop follows timm; an image that already has the model's
+    resolution is left unresized (resizing 32 px demo images to 35 and cropping back would
+    only blur them and cut the corner cue).
+    """
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float = 1.0
+    interpolation: str = "bicubic"
+
+    def to_unit(self, image: Image.Image) -> torch.Tensor:
+        """Decoded PIL image -> float [3, H, W] in [0, 1] at the model's resolution."""
+        image = image.convert("RGB")
+        h, w = self.size
+        if (image.height, image.width) != (h, w):
+            interp = _INTERP.get(self.interpolation, InterpolationMode.BICUBIC)
+            scale = (int(h / self.crop_pct), int(w / self.crop_pct))
+            image = TF.resize(image, list(scale) if h != w else scale[0], interpolation=interp)
+            image = TF.center_crop(image, [h, w])
+        return TF.to_tensor(image)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """[.., 3, H, W] in [0, 1] -> the model's normalized input (works batched too)."""
+        mean = torch.tensor(self.mean, dtype=images.dtype).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=images.dtype).view(3, 1, 1)
+        return (images - mean) / std
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.normalize(self.to_unit(image))
+
+
+def eval_transform(model: torch.nn.Module) -> ImageTransform:
+    """The eval preprocessing timm declares for `model` (resolution, mean/std, crop)."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    _, h, w = cfg["input_size"]
+    # the pretrained config says 224 even for a model built with img_size=32; the patch
+    # embedding knows the resolution the model actually accepts
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if built is not None:
+        h, w = (built, built) if isinstance(built, int) else tuple(built)
+    return ImageTransform(size=(int(h), int(w)), mean=tuple(float(m) for m in cfg["mean"]),
+                          std=tuple(float(s) for s in cfg["std"]),
+                          crop_pct=float(cfg.get("crop_pct", 1.0)),
+                          interpolation=str(cfg.get("interpolation", "bicubic")))
+
+
+def _decode(data: bytes | str | Path, where: str) -> Image.Image:
+    """Open and fully decode an image, or raise DataError naming where it came from."""
+    try:
+        src = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+        with Image.open(src) as img:
+            img.load()
+            return img.copy()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(where, f"unreadable image: {exc}") from exc
+
+
+class _ImageDataset(Dataset):
+    """Shared item logic: decode -> to_unit -> normalize, plus `unit()` for shifts."""
+
+    transform: ImageTransform | None
+    classes: list[str]
+
+    def _load(self, index: int) -> tuple[Image.Image, int, str]:
+        raise NotImplementedError
+
+    def unit(self, index: int) -> tuple[torch.Tensor, int, str]:
+        """The item as a [0, 1] image at the model's resolution, before normalization."""
+        image, label, domain = self._load(index)
+        tensor = self.transform.to_unit(image) if self.transform else TF.to_tensor(
+            image.convert("RGB"))
+        return tensor, label, domain
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return self.transform.normalize(images) if self.transform else images
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        tensor, label, domain = self.unit(index)
+        return self.normalize(tensor), label, domain
+
+
+def list_domains(root: str | os.PathLike) -> list[str]:
+    """Domain folder names under `root` (hidden folders skipped), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "no such dataset folder")
+    domains = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not domains:
+        raise DataError(root, "holds no domain folders")
+    return domains
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _class_folders(domain_dir: Path) -> list[str]:
+    return sorted(p.name for p in domain_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+class DomainFolderDataset(_ImageDataset):
+    """root/<domain>/<class>/<image> (PACS, OfficeHome, TerraIncognita; the demo tasks).
+
+    Labels index `classes`: by default the sorted union of class folders over all domains of
+    `root`, so every domain of one dataset shares one labelling. A domain folder holding images
+    directly (no class folders) is unlabeled: label −1.
+    """
+
+    def __init__(self, root: str | os.PathLike, domain: str,
+                 transform: ImageTransform | None = None,
+                 classes: Sequence[str] | None = None):
+        self.root, self.domain, self.transform = Path(root), domain, transform
+        domain_dir = self.root / domain
+        if not domain_dir.is_dir():
+            have = list_domains(self.root)
+            raise DataError(domain_dir, f"no such domain; domains under {self.root}: {have}")
+        if classes is None:
+            names: set[str] = set()
+            for d in list_domains(self.root):
+                names.update(_class_folders(self.root / d))
+            classes = sorted(names)
+        self.classes = list(classes)
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.samples: list[tuple[Path, int]] = []
+        for c in _class_folders(domain_dir):
+            if c not in index:
+                raise DataError(domain_dir / c, f"unknown class folder; classes are {self.classes}")
+            self.samples += [(p, index[c]) for p in sorted((domain_dir / c).iterdir())
+                             if _is_image(p)]
+        self.samples += [(p, UNLABELED) for p in sorted(domain_dir.iterdir()) if _is_image(p)]
+        if not self.samples:
+            raise DataError(domain_dir, "domain holds no images")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, index: int) -> tuple[Image.Image, int, str]:
+        path, label = self.samples[index]
+        return _decode(path, str(path)), label, self.domain
+
+
+class ParquetImageDataset(_ImageDataset):
+    """A Parquet table with columns image (encoded bytes), label (nullable int), domain.
+
+    Rows are filtered to `domain` when given. Null labels become −1 (unlabeled).
+    `classes` is the label range as strings unless the table's metadata says otherwise.
+    """
+
+    def __init__(self, path: str | os.PathLike, domain: str | None = None,
+                 transform: ImageTransform | None = None):
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        self.path, self.domain, self.transform = Path(path), domain, transform
+        try:
+            table = pq.read_table(self.path)
+        except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError
+            raise DataError(self.path, f"not a readable Parquet table: {exc}") from exc
+        missing = [c for c in ("image", "label", "domain") if c not in table.column_names]
+        if missing:
+            raise DataError(self.path, f"missing column(s) {missing}; has {table.column_names}")
+        all_labels = [v for v in table.column("label").to_pylist() if v is not None]
+        self.classes = [str(k) for k in range(max(all_labels) + 1)] if all_labels else []
+        if domain is not None:
+            table = table.filter(pc.equal(table.column("domain"), domain))
+            if table.num_rows == 0:
+                have = sorted(set(pq.read_table(self.path, columns=["domain"])
+                                  .column("domain").to_pylist()))
+                raise DataError(self.path, f"domain '{domain}' has no rows; domains: {have}")
+        if table.num_rows == 0:
+            raise DataError(self.path, "table holds no images")
+        self._images = table.column("image").to_pylist()
+        self._labels = [UNLABELED if v is None else int(v) for v in table.column("label").to_pylist()]
+        self._domains = [str(v) for v in table.column("domain").to_pylist()]
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def _load(self, index: int) -> tuple[Image.Image, int, str]:
+        where = f"{self.path} row {index}"
+        return _decode(self._images[index], where), self._labels[index], self._domains[index]
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, int, str]]
+            ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(image, label, domain) items -> (images [B,3,H,W], labels [B] long, domains list)."""
+    images = torch.stack([b[0] for b in batch])
+    labels = torch.tensor([int(b[1]) for b in batch], dtype=torch.long)
+    return images, labels, [b[2] for b in batch]
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, limit: int | None = None,
+                shuffle: bool = False, seed: int = 0, num_workers: int = 0,
+                **kwargs: Any) -> DataLoader:
+    """A DataLoader over `dataset` yielding (images, labels, domains).
+
+    `limit` keeps the first `limit` items (a seeded random `limit` items when `shuffle`), so
+    a capped run sees the same examples every time.
+    """
+    if limit is not None and limit < len(dataset):
+        if shuffle:
+            g = torch.Generator().manual_seed(seed)
+            idx = torch.randperm(len(dataset), generator=g)[:limit].tolist()
+        else:
+            idx = list(range(limit))
+        dataset = Subset(dataset, idx)
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=num_workers, collate_fn=collate, **kwargs)
+
+
+def load_all(dataset: Dataset, batch_size: int = 256
+             ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Every item of a small dataset as tensors (training the demo zoo keeps data in memory)."""
+    images, labels, domains = [], [], []
+    for x, y, d in make_loader(dataset, batch_size):
+        images.append(x)
+        labels.append(y)
+        domains += d
+    return torch.cat(images), torch.cat(labels), domains

@@ -1,0 +1,197 @@
+"""Checkpoint manifests and safe checkpoint loading.
+
+A user's zoo is a manifest (CSV, Parquet or YAML) of checkpoints: id, timm architecture and
+kwargs, weights path, number of classes, task, and any hyperparameter columns. Loading never
+executes pickled code: `.safetensors` is read as raw tensors, and `.pt`/`.pth` only through
+`torch.load(weights_only=True)`. Every tensor's name and shape is checked against the
+architecture before loading, so a bad checkpoint is reported by id and path, not as a
+mysterious shape error deep inside attribution.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from circuitray.errors import CheckpointError, DataError
+
+REQUIRED_COLUMNS = ("checkpoint_id", "task", "arch", "arch_kwargs", "weights", "num_classes")
+OPTIONAL_COLUMNS = ("data_root", "id_domain", "ood_domain", "id_acc", "ood_acc", "epoch", "final")
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _parse_kwargs(value: Any, where: str) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        return dict(value)
+    if value is None or (isinstance(value, float) and pd.isna(value)) or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise DataError(where, f"arch_kwargs is not JSON: {value!r} ({exc})") from exc
+        if isinstance(parsed, dict):
+            return parsed
+    raise DataError(where, f"arch_kwargs must be a JSON object, got {value!r}")
+
+
+def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a checkpoint manifest; resolve relative weight/data paths against its folder.
+
+    Returns one row per checkpoint with `arch_kwargs` as a JSON string (a canonical form that
+    survives Parquet and CSV) and `weights`/`data_root` as absolute paths or URIs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "no such manifest")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            df = pd.read_csv(path, dtype={"checkpoint_id": str, "weights": str})
+        elif suffix in (".parquet", ".pq"):
+            df = pd.read_parquet(path)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(path.read_text())
+            rows = data.get("checkpoints") if isinstance(data, Mapping) else data
+            if not isinstance(rows, list):
+                raise DataError(path, "YAML manifest must be a list of checkpoints "
+                                      "(or a mapping with a 'checkpoints' list)")
+            df = pd.DataFrame(rows)
+        else:
+            raise DataError(path, f"unknown manifest format '{suffix}' (use .csv, .parquet, .yaml)")
+    except DataError:
+        raise
+    except Exception as exc:  # parser errors of three libraries; name the file
+        raise DataError(path, f"unreadable manifest: {exc}") from exc
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(path, f"manifest misses column(s) {missing}; has {list(df.columns)}")
+    if df.empty:
+        raise DataError(path, "manifest lists no checkpoints")
+    dupes = df["checkpoint_id"][df["checkpoint_id"].duplicated()].tolist()
+    if dupes:
+        raise DataError(path, f"duplicate checkpoint_id(s) {dupes[:5]}")
+    base = path.parent.resolve()
+    df = df.copy()
+    df["checkpoint_id"] = df["checkpoint_id"].astype(str)
+    df["arch_kwargs"] = [
+        json.dumps(_parse_kwargs(v, f"{path} checkpoint '{cid}'"), sort_keys=True)
+        for v, cid in zip(df["arch_kwargs"], df["checkpoint_id"], strict=True)]
+    df["num_classes"] = df["num_classes"].astype(int)
+
+    def resolve(p: Any) -> Any:
+        if not isinstance(p, str) or not p or _is_uri(p):
+            return p
+        p = p.removeprefix("file://")
+        return str(p if os.path.isabs(p) else base / p)
+
+    df["weights"] = df["weights"].map(resolve)
+    if "data_root" in df.columns:
+        df["data_root"] = df["data_root"].map(resolve)
+    return df.reset_index(drop=True)
+
+
+def build_model(arch: str, arch_kwargs: Mapping[str, Any] | str | None,
+                num_classes: int) -> torch.nn.Module:
+    """A timm model with random weights (pretrained=False: nothing is downloaded)."""
+    import timm
+
+    kwargs = _parse_kwargs(arch_kwargs, f"architecture '{arch}'")
+    kwargs.pop("pretrained", None)
+    kwargs.pop("num_classes", None)
+    return timm.create_model(arch, pretrained=False, num_classes=int(num_classes), **kwargs)
+
+
+def _read_bytes(uri: str) -> bytes:
+    try:
+        import fsspec
+    except ImportError as exc:  # pragma: no cover - fsspec ships with ray/mlflow
+        raise OSError("reading a URI needs the 'fsspec' package") from exc
+    with fsspec.open(uri, "rb") as fh:
+        return fh.read()
+
+
+def _read_state_dict(weights: str) -> dict[str, torch.Tensor]:
+    """Raw tensors from a weights file, without ever running pickled code."""
+    suffix = Path(weights.split("?")[0]).suffix.lower()
+    if suffix in SAFE_SUFFIXES:
+        from safetensors.torch import load, load_file
+
+        return load(_read_bytes(weights)) if _is_uri(weights) else load_file(weights)
+    if suffix in PICKLE_SUFFIXES:
+        src: Any = weights
+        if _is_uri(weights):
+            import io
+
+            src = io.BytesIO(_read_bytes(weights))
+        obj = torch.load(src, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor)
+                                                   for v in obj.values()):
+            raise ValueError("file holds no state dict of tensors")
+        return {k.removeprefix("module."): v for k, v in obj.items()}
+    raise ValueError(f"unknown weights format '{suffix}' (use .safetensors, or .pt/.pth)")
+
+
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Every way `state` does not fit `model`: missing, unexpected and mis-shaped tensors."""
+    expected = model.state_dict()
+    problems = []
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        problems.append(f"missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected tensor(s) {unexpected[:5]}"
+                        f"{' ...' if len(unexpected) > 5 else ''}")
+    for k, v in state.items():
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape):
+            problems.append(f"{k} has shape {tuple(v.shape)}, architecture expects "
+                            f"{tuple(expected[k].shape)}")
+        elif k in expected and v.is_floating_point() and not torch.isfinite(v).all():
+            problems.append(f"{k} holds NaN or infinite values")
+    return problems
+
+
+def load_checkpoint(row: Mapping[str, Any] | pd.Series) -> torch.nn.Module:
+    """Build the row's architecture, load its weights safely, return it in eval mode.
+
+    Raises CheckpointError(checkpoint_id, weights, reason) for every failure: unreadable or
+    truncated file, refused pickle, wrong tensor names or shapes, unknown architecture.
+    """
+    cid, weights = str(row["checkpoint_id"]), str(row["weights"])
+    try:
+        model = build_model(str(row["arch"]), row["arch_kwargs"], int(row["num_classes"]))
+    except Exception as exc:
+        raise CheckpointError(cid, weights, f"cannot build architecture '{row['arch']}' "
+                                            f"with {row['arch_kwargs']}: {exc}") from exc
+    if not _is_uri(weights) and not Path(weights).is_file():
+        raise CheckpointError(cid, weights, "weights file does not exist")
+    try:
+        state = _read_state_dict(weights)
+    except Exception as exc:  # SafetensorError, UnpicklingError, OSError, ...
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "weights_only" in str(exc) or "Unpickl" in type(exc).__name__:
+            reason = f"refused: the pickle needs more than plain tensors to load ({reason})"
+        raise CheckpointError(cid, weights, f"unreadable weights: {reason}") from exc
+    problems = check_state_dict(model, state)
+    if problems:
+        raise CheckpointError(cid, weights, "; ".join(problems))
+    expected = model.state_dict()
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    return model.eval()

@@ -1,0 +1,127 @@
+"""Train the demo model zoo: one Ray task per configuration, then one manifest.
+
+Output layout under `out_dir`:
+  manifest.csv      one row per FINAL model (what discover/reduce read by default)
+  checkpoints.csv   every saved checkpoint, final and intermediate, with `epoch`, `final` and
+                    `parent_id` (the final model's id) for training-dynamics studies
+  failures.parquet  configurations that failed (FAILURE_SCHEMA), when any did
+  weights/, records/  see circuitray.training
+Relative paths in the manifests (weights, data_root) are relative to `out_dir`.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from circuitray.config import to_dict
+from circuitray.data.demo import DIGIT_TASKS, build_demo_task
+from circuitray.tables import FAILURE_SCHEMA, write_parquet_atomic
+from circuitray.training import ZooConfig, expand_grid, read_record, train_one
+
+
+def prepare_data(config: ZooConfig) -> dict[str, Path]:
+    """Generate (or reuse) every demo task the grid names, with the ρ domains it needs."""
+    rhos = sorted({float(r) for r in config.grid.rho})
+    dirs = {}
+    for task in dict.fromkeys(config.grid.task):
+        kwargs: dict[str, Any] = {"seed": config.data_seed}
+        if task in DIGIT_TASKS:
+            kwargs.update(rhos=rhos, ood_cues=config.ood_cues)
+        dirs[task] = build_demo_task(task, config.data_root, **kwargs)
+    return dirs
+
+
+def _write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _summary(rows: pd.DataFrame) -> str:
+    lines = []
+    for task, grp in rows.groupby("task"):
+        ida, ooda = sorted(grp["id_acc"]), sorted(grp["ood_acc"])
+        lines.append(f"  {task}: {len(grp)} models; id_acc min/median/max "
+                     f"{ida[0]:.3f}/{statistics.median(ida):.3f}/{ida[-1]:.3f}; ood_acc "
+                     f"{ooda[0]:.3f}/{statistics.median(ooda):.3f}/{ooda[-1]:.3f}")
+    return "\n".join(lines)
+
+
+def train_zoo(config: ZooConfig, out_dir: str | os.PathLike, *, reuse: bool = True,
+              executor: str = "ray", stream=None) -> Path:
+    """Train what is missing from the zoo `config` describes; return manifest.csv's path.
+
+    `executor="ray"` runs one Ray task per configuration (`threads_per_task` CPUs each, so
+    `num_cpus` of a local Ray sets how many train at once); `"inline"` trains in this process
+    (tests, debugging). A configuration that fails is recorded in failures.parquet and the
+    others go on.
+    """
+    stream = stream or sys.stderr
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "zoo_config.json").write_text(pd.Series(to_dict(config)).to_json(indent=1))
+    dirs = prepare_data(config)
+    specs = expand_grid(config)
+    records: dict[str, dict[str, Any]] = {}
+    todo = []
+    for spec in specs:
+        rec = read_record(out, spec) if reuse else None
+        if rec is not None:
+            records[spec["checkpoint_id"]] = rec
+        else:
+            todo.append(spec)
+    print(f"[train_zoo] {len(specs)} configurations: {len(records)} reused, "
+          f"{len(todo)} to train -> {out}", file=stream, flush=True)
+    args = [(spec, str(dirs[spec["task"]]), str(out)) for spec in todo]
+    start = time.monotonic()
+    if executor == "ray" and todo:
+        import ray
+
+        from circuitray.runtime.ray_utils import ensure_ray, iter_completed
+
+        ensure_ray(num_cpus=config.num_cpus)
+        remote = ray.remote(num_cpus=config.threads_per_task, max_retries=1)(train_one)
+        refs = [remote.remote(*a) for a in args]
+        results = ((i, rec) for i, rec in iter_completed(refs, "train_zoo", stream))
+    elif executor == "inline":
+        results = ((i, train_one(*a)) for i, a in enumerate(args))
+    elif todo:
+        raise ValueError(f"executor must be 'ray' or 'inline', got {executor!r}")
+    else:
+        results = iter(())
+    failures = []
+    for i, rec in results:
+        cid = todo[i]["checkpoint_id"]
+        if rec.get("error"):
+            failures.append({"checkpoint": cid, "stage": "train",
+                             "error_type": rec["error"].split(":", 1)[0], "error": rec["error"]})
+            print(f"[train_zoo] FAILED {cid}: {rec['error']}", file=stream, flush=True)
+            continue
+        records[cid] = rec
+        final = rec["rows"][-1]
+        print(f"[train_zoo] {cid}: id_acc {final['id_acc']:.3f} ood_acc {final['ood_acc']:.3f} "
+              f"({final['train_seconds']:.0f}s)", file=stream, flush=True)
+    if failures:
+        write_parquet_atomic(pd.DataFrame(failures), out / "failures.parquet", FAILURE_SCHEMA)
+    elif (out / "failures.parquet").exists():
+        (out / "failures.parquet").unlink()
+    rows = [row for spec in specs if spec["checkpoint_id"] in records
+            for row in records[spec["checkpoint_id"]]["rows"]]
+    if not rows:
+        raise RuntimeError(f"train_zoo: every configuration failed; see {out / 'failures.parquet'}")
+    table = pd.DataFrame(rows)
+    _write_csv_atomic(table, out / "checkpoints.csv")
+    finals = table[table["final"]].reset_index(drop=True)
+    _write_csv_atomic(finals, out / "manifest.csv")
+    print(f"[train_zoo] done in {time.monotonic() - start:.0f}s: {len(finals)} models, "
+          f"{len(table)} checkpoints, {len(failures)} failed\n{_summary(finals)}",
+          file=stream, flush=True)
+    return out / "manifest.csv"
