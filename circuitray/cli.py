@@ -122,7 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    bad = [x for x in extra if "=" not in x or x.startswith("-")]
+    if bad:  # key=value given after an option lands here; anything else is a mistake
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = [*args.overrides, *extra]
     try:
         if args.command == "demo":
             return _demo(args)

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from _jobdata import write_checkpoints
+from mlflow.tracking import MlflowClient
 
 from circuitray.job_config import JobConfig, load_job_config
 from circuitray.runtime.discover import (
@@ -22,6 +23,7 @@ from circuitray.runtime.discover import (
     run_discover,
 )
 from circuitray.runtime.layout import JobLayout
+from circuitray.runtime.pipeline import run_pipeline
 from circuitray.tables import read_parquet
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "tiny.yaml"
@@ -67,8 +69,22 @@ def test_corrupt_checkpoint_lands_in_failures_and_rerun_recomputes_nothing(
         tmp_path: Path, local_ray) -> None:
     manifest = write_checkpoints(tmp_path, 2, corrupt=("truncated",))
     cfg = _config(tmp_path, manifest)
-    first = run_discover(cfg)
+    result = run_pipeline(cfg)
+    first = result.discover
     assert sorted(first.done) == ["ckpt0", "ckpt1"] and first.failed == ["truncated"]
+    layout = JobLayout.of(cfg.output_dir)
+    for name in ("depth", "shift", "baselines", "accuracy", "domains", "models"):
+        assert (layout.metrics / f"{name}.parquet").exists(), name
+    domains = read_parquet(layout.metrics / "domains.parquet").to_pandas()
+    assert domains.accuracy.between(0, 1).all()
+    assert domains.loc[domains.role == "shift", "css_srcc"].notna().all()
+    assert (layout.evaluation / "results.parquet").exists()
+    assert {p.name for p in result.reduce.figures} >= {"circuit.png", "css_vs_acc.png",
+                                                        "alarm.png"}
+    client = MlflowClient(tracking_uri=f"sqlite:///{layout.root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("circuitray-tiny")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 4  # the job and its three checkpoints (the failed one included)
     failures = read_failures(JobLayout.of(cfg.output_dir))
     assert failures.to_dict("records")[0] | {"error": ""} == {
         "checkpoint": "truncated", "stage": "load", "error_type": "CheckpointError", "error": ""}
@@ -78,12 +94,15 @@ def test_corrupt_checkpoint_lands_in_failures_and_rerun_recomputes_nothing(
     assert set(domains.role) == {"id", "ood", "shift", "proxy"}
 
     before = _files(Path(cfg.output_dir))
-    second = run_discover(cfg)
+    again = run_pipeline(cfg)
+    second = again.discover
     assert sorted(second.skipped) == ["ckpt0", "ckpt1"] and second.done == []
     assert second.failed == ["truncated"]  # retried, still broken, still recorded once
+    assert again.reduce.skipped
     after = _files(Path(cfg.output_dir))
     assert {k: v for k, v in after.items() if not k.startswith("failures")} == {
         k: v for k, v in before.items() if not k.startswith("failures")}
+    assert len(client.search_runs([exp.experiment_id])) == 4  # no second MLflow job run
 
 
 @pytest.mark.slow
@@ -118,3 +137,13 @@ def test_killed_worker_is_retried_and_every_output_is_written_once(
     marker = pq.read_table(layout.marker("ckpt0")).to_pandas()
     assert marker.resumed.any(), "the retry should have reused the killed attempt's domains"
     assert not marker.resumed.all()
+
+
+def test_cli_config_error_names_the_key_before_any_work(tmp_path: Path, capsys) -> None:
+    from circuitray.cli import main
+
+    code = main(["run", str(CONF), f"output_dir={tmp_path / 'job'}", "data.limt=3"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "data.limt" in err and "tiny.yaml" in err
+    assert not ray.is_initialized() and not (tmp_path / "job").exists()

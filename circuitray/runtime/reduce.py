@@ -331,7 +331,8 @@ def _headline(evals: Mapping[str, pd.DataFrame]) -> dict[str, float]:
 
 def _log_mlflow(cfg: JobConfig, layout: JobLayout, manifest: pd.DataFrame, frame: pd.DataFrame,
                 models: pd.DataFrame, evals: Mapping[str, pd.DataFrame], result: ReduceResult,
-                summary: Mapping[str, Any]) -> str:
+                summary: Mapping[str, Any], complete: set[str], finals: set[str]) -> str:
+    """Parent run: config, headline metrics, tables and figures; a child per manifest row."""
     from circuitray.tracking import ChildRun, default_tracking_uri, flatten, log_job
 
     uri = cfg.tracking.uri or default_tracking_uri(layout.root)
@@ -345,8 +346,10 @@ def _log_mlflow(cfg: JobConfig, layout: JobLayout, manifest: pd.DataFrame, frame
         post = frame[(frame.checkpoint == cid) & (frame.role == "shift")]
         for c in [c for c in post.columns if c.startswith("css_") or c == "accuracy"]:
             metrics[f"shift_mean.{c}"] = float(post[c].mean()) if len(post) else float("nan")
+        status = "complete" if cid in complete else "failed or not run"
         children.append(ChildRun(str(cid), params=hp.to_dict(), metrics=metrics,
-                                 tags={"checkpoint": str(cid)}))
+                                 tags={"checkpoint": str(cid), "status": status,
+                                       "final": str(cid in finals).lower()}))
     artifacts = [(p, "tables/evaluation") for p in result.tables.values()
                  if p.parent == layout.evaluation]
     artifacts += [(p, "figures") for p in result.figures]
@@ -405,7 +408,8 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
                "checkpoints_failed": int(len(failures)),
                "domains": int(len(domains))}
     if cfg.tracking.enabled:
-        result.run_id = _log_mlflow(cfg, layout, manifest, frame, models, evals, result, summary)
+        result.run_id = _log_mlflow(cfg, layout, manifest, frame, all_models, evals, result,
+                                    summary, set(domains.checkpoint), finals)
     result.seconds = time.perf_counter() - start
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps({"fingerprint": fp, "run_id": result.run_id,

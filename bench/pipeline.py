@@ -1,0 +1,164 @@
+"""Benchmark of the job: discover throughput with 1 vs 2 Ray workers, and the demo end to end.
+
+    .venv/bin/python bench/pipeline.py [--checkpoints 8] [--repeats 3] [--demo] [--no-mimalloc]
+
+Discover: N demo-sized ViTs (32 px, patch 8, dim 64, depth 8, 4 heads; random weights, the
+cost does not depend on the weights) × 4 domains (ID, OOD, one shift, one proxy), 128
+examples each, EAP-IG(5) on 64. Each worker count gets a fresh local Ray whose workers are
+warmed up first (imports), so the numbers are the stage's steady throughput; every repeat
+writes a fresh output folder (nothing skipped). The demo (with --demo) runs `circuitray demo`
+with the zoo reused, so its time is the pipeline's. mimalloc is LD_PRELOADed into the driver
+and every Ray worker unless --no-mimalloc. Medians are reported; JSON -> bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+DEMO_ARCH = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 8, "num_heads": 4}
+
+
+def _mimalloc() -> str | None:
+    libs = sorted(glob.glob(str(REPO / ".venv" / "**" / "libmimalloc*.so*"), recursive=True))
+    return libs[0] if libs else None
+
+
+def _reexec_with_mimalloc(args: argparse.Namespace) -> None:
+    lib = _mimalloc()
+    if args.no_mimalloc or lib is None or "mimalloc" in os.environ.get("LD_PRELOAD", ""):
+        return
+    env = {**os.environ, "LD_PRELOAD": lib}
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def _discover_once(manifest: Path, out: Path, workers: int) -> float:
+    from circuitray.job_config import load_job_config
+    from circuitray.runtime.discover import run_discover
+
+    cfg = load_job_config(None, [
+        f"manifest={manifest}", f"output_dir={out}", "data.limit=128",
+        "data.attribution_limit=64", "data.batch_size=64", "data.shift_kinds=[gaussian_noise]",
+        "data.shift_severities=[3]", "data.proxy_kinds=[brightness]",
+        "data.proxy_severities=[3]", "attribution.steps=5", "resources.num_cpus=1",
+        f"resources.local_num_cpus={workers}"])
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    summary = run_discover(cfg)
+    seconds = time.perf_counter() - start
+    if summary.failed:
+        raise RuntimeError(f"benchmark checkpoints failed: {summary.failed}")
+    return seconds
+
+
+def _warm(workers: int) -> None:
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def imports() -> int:
+        import timm  # noqa: F401
+
+        import circuitray.attribution  # noqa: F401
+        import circuitray.data.datasets  # noqa: F401
+        import circuitray.outputs  # noqa: F401
+
+        time.sleep(1.0)  # hold the slot so every worker process gets started
+        return os.getpid()
+
+    ray.get([imports.remote() for _ in range(workers)])
+
+
+def bench_discover(n_ckpt: int, repeats: int, root: Path) -> dict:
+    import ray
+    from _jobdata import write_checkpoints
+
+    manifest = write_checkpoints(root / "fixture", n_ckpt, arch_kwargs=DEMO_ARCH,
+                                 n_per_class=64)
+    results = {}
+    for workers in (1, 2):
+        ray.init(address="local", num_cpus=workers, include_dashboard=False,
+                 log_to_driver=False)
+        try:
+            _warm(workers)
+            times = [_discover_once(manifest, root / f"out-{workers}-{i}", workers)
+                     for i in range(repeats)]
+        finally:
+            ray.shutdown()
+        med = statistics.median(times)
+        results[workers] = {"seconds": times, "median_s": med,
+                            "checkpoints_per_hour": 3600 * n_ckpt / med}
+        print(f"discover, {workers} worker(s): {[f'{t:.1f}' for t in times]} s, median "
+              f"{med:.1f} s, {3600 * n_ckpt / med:.0f} checkpoints/hour", flush=True)
+    speedup = results[1]["median_s"] / results[2]["median_s"]
+    print(f"speedup 2 vs 1 workers: {speedup:.2f}x (target >= 1.7x)", flush=True)
+    return {"checkpoints": n_ckpt, "domains_per_checkpoint": 4, "examples_per_domain": 128,
+            "attributed_per_domain": 64, "method": "eap-ig-inputs", "steps": 5,
+            "arch_kwargs": DEMO_ARCH, "repeats": repeats, "workers": results,
+            "speedup_2_vs_1": speedup}
+
+
+def bench_demo(root: Path) -> dict:
+    """`circuitray demo` twice into a fresh job folder: zoo reused, pipeline timed."""
+    out = REPO / "runs" / "demo"
+    job = out / "job-bench"
+    shutil.rmtree(job, ignore_errors=True)
+    cmd = [str(REPO / ".venv" / "bin" / "circuitray"), "demo", "--out", str(out),
+           f"output_dir={job}"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    (root / "demo.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        return {"ok": False, "seconds": seconds, "tail": (proc.stdout + proc.stderr)[-2000:]}
+    zoo = [ln for ln in proc.stdout.splitlines() if ln.startswith("zoo ")]
+    return {"ok": True, "seconds_total": seconds, "timing_line": zoo[-1] if zoo else "",
+            "report_tail": proc.stdout[-4000:]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoints", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--demo", action="store_true", help="also time `circuitray demo`")
+    parser.add_argument("--no-mimalloc", action="store_true")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "pipeline.json"))
+    args = parser.parse_args()
+    _reexec_with_mimalloc(args)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    root = REPO / "runs" / "bench-pipeline"
+    root.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    report = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "gpu": torch.cuda.is_available(),
+                    "note": "2 cores shared with other engineers' jobs during the run; "
+                            "no GPU was lent to this session"},
+        "ld_preload": os.environ.get("LD_PRELOAD", ""),
+        "discover": bench_discover(args.checkpoints, args.repeats, root),
+    }
+    if args.demo:
+        report["demo"] = bench_demo(root)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
