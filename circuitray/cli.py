@@ -89,7 +89,10 @@ def _demo_zoo(zoo_conf: Path, zoo_dir: Path, overrides: list[str]) -> Path:
     from circuitray.training import ZooConfig
 
     config = load_config(ZooConfig, zoo_conf, overrides)
-    return Path(train_zoo(config, zoo_dir, reuse=True))
+    manifest = Path(train_zoo(config, zoo_dir, reuse=True))
+    # checkpoints.csv also lists the intermediate checkpoints (DDB over training)
+    every = manifest.parent / "checkpoints.csv"
+    return every if every.exists() else manifest
 
 
 def _stored_frames(evaluation: Path) -> dict:
