@@ -173,9 +173,9 @@ def domain_accuracy(outputs: pa.Table | pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def _id_reference(f: pd.DataFrame, task: str, ckpt: str, id_domain: str) -> dict:
+def _id_reference(grp: pd.DataFrame, task: str, ckpt: str, id_domain: str) -> dict:
     """Everything the baselines need from a checkpoint's labeled ID validation data."""
-    rows = f[(f.task == task) & (f.checkpoint == ckpt) & (f.domain == id_domain)]
+    rows = grp[grp.domain == id_domain]
     if rows.empty:
         raise TableError(f"outputs: task '{task}', checkpoint '{ckpt}' has no rows on the "
                          f"ID domain '{id_domain}'")
@@ -209,7 +209,7 @@ def pre_deployment_baselines(outputs: pa.Table | pd.DataFrame, *, id_domain: str
     f = _frame(outputs)
     rows = []
     for (task, ckpt), grp in f.groupby(["task", "checkpoint"], sort=True):
-        ref = _id_reference(f, task, ckpt, id_domain)
+        ref = _id_reference(grp, task, ckpt, id_domain)
         for domain, d in grp.groupby("domain", sort=True):
             logits = _matrix(d["logits"], "logits", task)
             p1, pt = softmax(logits), softmax(logits, ref["temp"])
@@ -241,7 +241,7 @@ def shift_detectors(outputs: pa.Table | pd.DataFrame, *, id_domain: str, alpha: 
     f = _frame(outputs)
     rows = []
     for (task, ckpt), grp in f.groupby(["task", "checkpoint"], sort=True):
-        ref = _id_reference(f, task, ckpt, id_domain)
+        ref = _id_reference(grp, task, ckpt, id_domain)
         for domain, d in grp.groupby("domain", sort=True):
             if domain == id_domain:
                 continue

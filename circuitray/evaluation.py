@@ -149,11 +149,14 @@ def _stats_with_replicates(x: np.ndarray, y: np.ndarray, sign: int, n_boot: int,
         reasons.append(f"too few points: n={len(x)} < {min_n}")
     elif np.ptp(x) == 0 or np.ptp(y) == 0:
         reasons.append("metric is constant" if np.ptp(x) == 0 else "accuracy is constant")
-    if len(reasons) and (len(x) < min_n or np.ptp(x) == 0 or np.ptp(y) == 0):
+    else:
+        reasons.append("")  # computable: only the NaN note (if any) remains
+    if reasons[-1]:
         for s in STATS:
             out[s] = out[f"{s}_lo"] = out[f"{s}_hi"] = np.nan
         out["reason"] = "; ".join(reasons)
         return out, None
+    reasons.pop()
     reps = _replicates(x, y, _weights(len(x), n_boot, rng))
     lo, hi = np.nanpercentile(reps[1:], [50 * (1 - ci), 50 * (1 + ci)], axis=0)
     for i, s in enumerate(STATS):
