@@ -225,3 +225,9 @@ def test_result_table_joins_pre_post_and_alarm_rows_per_metric() -> None:
     assert table.loc["css_srcc", "paper_post_composite"] == PAPER_RESULTS["post"]["css_srcc"]
     assert table.loc["css_srcc", "alarm_auroc"] > table.loc["ac", "alarm_auroc"]
     assert table.loc["css_srcc", "kind"] == "circuit" and table.loc["ac", "kind"] == "baseline"
+
+
+def test_direction_patterns_do_not_swallow_other_columns() -> None:
+    for name in ("accuracy", "ood_acc", "temperature", "nuclear_lo", "n_examples"):
+        with pytest.raises(MetricError):
+            direction(name)
