@@ -160,3 +160,13 @@ def test_rank_rows_equals_scipy_rankdata_with_ties() -> None:
     x[:, :40] = 0.0
     x[:, 100:160] = np.round(x[:, 100:160])
     np.testing.assert_array_equal(rank_rows(x), scipy.stats.rankdata(x, axis=1))
+
+
+def test_same_size_but_different_edge_set_is_a_mismatch_too() -> None:
+    t = synthetic_edges(n_blocks=2, n_heads=2, checkpoints=["ck"], domains=["id", "ood"])
+    df = t.to_pandas()
+    row = df.index[(df.domain == "ood") & (df.src == "m1") & (df.dst == "logits")][0]
+    df.loc[row, "dst"] = "a1.h0<q>"  # same count of edges, one of them different
+    df.loc[row, "dst_depth"] = 2
+    with pytest.raises(TableError, match="checkpoint 'ck', domain 'ood'.*different edge set"):
+        shift_scores(df, id_domain="id")
