@@ -141,6 +141,13 @@ def check_job_config(cfg: JobConfig) -> JobConfig:
     if both:
         raise ConfigError(f"config key 'data.proxy_kinds': {both} also in data.shift_kinds; the "
                           "alarm must be calibrated on corruptions it is not tested on")
+    from circuitray.data.shifts import CORRUPTIONS  # torch-backed, but names only
+
+    for key, kinds in (("data.shift_kinds", d.shift_kinds), ("data.proxy_kinds", d.proxy_kinds)):
+        for i, kind in enumerate(kinds):
+            if kind not in CORRUPTIONS:
+                raise ConfigError(f"config key '{key}[{i}]': unknown corruption '{kind}'; "
+                                  f"known: {list(CORRUPTIONS)}")
     for i, tau in enumerate(cfg.reduce.taus):
         if not 0 < tau <= 0.5:
             raise ConfigError(f"config key 'reduce.taus[{i}]': tau {tau} not in (0, 0.5]")

@@ -88,6 +88,7 @@ def test_job_config_paths_resolve_against_base(tmp_path: Path) -> None:
     ("data.shift_severities=[1, 6]", "data.shift_severities[1]"),
     ("data.proxy_kinds=[gaussian_noise]", "data.proxy_kinds"),
     ("reduce.taus=[0.7]", "reduce.taus[0]"),
+    ("data.shift_kinds=[gaussian_noise, snowfall]", "data.shift_kinds[1]"),
     ("stages=[discover, train]", "stages[1]"),
 ])
 def test_job_config_errors_name_the_key(tmp_path: Path, override: str, key: str) -> None:

@@ -108,7 +108,7 @@ def test_corrupt_checkpoint_lands_in_failures_and_rerun_recomputes_nothing(
 @pytest.mark.slow
 def test_killed_worker_is_retried_and_every_output_is_written_once(
         tmp_path: Path, local_ray) -> None:
-    manifest = write_checkpoints(tmp_path, 2)
+    manifest = write_checkpoints(tmp_path, 2, n_per_class=32)
     # enough domains and examples that the victim is killed between its domains
     cfg = _config(tmp_path, manifest, "data.limit=64", "data.attribution_limit=32",
                   "data.shift_severities=[1, 2, 3, 4, 5]", "data.proxy_severities=[1, 2, 3, 4, 5]")
@@ -120,8 +120,9 @@ def test_killed_worker_is_retried_and_every_output_is_written_once(
     killed_pid = None
     deadline = time.monotonic() + 120
     while killed_pid is None and time.monotonic() < deadline and thread.is_alive():
-        done_domains = list((layout.edges / "toy" / "ckpt0").glob("*.parquet")) \
-            if (layout.edges / "toy" / "ckpt0").exists() else []
+        # a domain is complete once its outputs file (written after its edges) exists
+        done_domains = list((layout.outputs / "toy" / "ckpt0").glob("*.parquet")) \
+            if (layout.outputs / "toy" / "ckpt0").exists() else []
         if victim.exists() and done_domains:
             import json
 

@@ -200,6 +200,18 @@ def _run_domain(model: Any, spec: DomainSpec, row: Mapping[str, Any], root: str,
             "seconds": time.perf_counter() - start, "resumed": False}
 
 
+def _sweep_temporaries(layout: JobLayout, task: str, cid: str) -> None:
+    """Remove half-written files of an earlier attempt of this checkpoint (killed mid-write).
+
+    Safe because Ray runs one attempt of a task at a time; readers ignore them anyway.
+    """
+    for folder in (layout.edges_file(task, cid, "x").parent,
+                   layout.outputs_file(task, cid, "x").parent):
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+
 def discover_checkpoint(row: Mapping[str, Any], cfg: JobConfig) -> dict[str, Any]:
     """Everything for one checkpoint; runs inside a Ray task (or inline in tests).
 
@@ -214,6 +226,7 @@ def discover_checkpoint(row: Mapping[str, Any], cfg: JobConfig) -> dict[str, Any
     start = time.perf_counter()
     if layout.is_complete(cid):
         return {"checkpoint": cid, "status": "skipped", "seconds": 0.0}
+    _sweep_temporaries(layout, str(row["task"]), cid)
     running = layout.running_file(cid)
     running.parent.mkdir(parents=True, exist_ok=True)
     running.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
