@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +195,14 @@ def load_checkpoint(row: Mapping[str, Any] | pd.Series) -> torch.nn.Module:
     expected = model.state_dict()
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
     return model.eval()
+
+
+def iter_checkpoints(manifest: pd.DataFrame
+                     ) -> Iterator[tuple[pd.Series, torch.nn.Module | None, CheckpointError | None]]:
+    """Yield (row, model, None) or (row, None, error) per checkpoint: one bad file never stops
+    the others, and only one model is in memory at a time."""
+    for _, row in manifest.iterrows():
+        try:
+            yield row, load_checkpoint(row), None
+        except CheckpointError as exc:
+            yield row, None, exc

@@ -86,18 +86,20 @@ def _cue_colours(labels: np.ndarray, rho: float | None, rng: np.random.Generator
     return np.where(rng.random(n) < rho, labels, other)
 
 
-def _digit_alpha(digits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """8x8 digits (0..16) -> [n, 32, 32] stroke opacity, 24 px tall, jittered by ±2 px."""
+def _digit_alpha(digits: np.ndarray) -> np.ndarray:
+    """8x8 digits (0..16) -> [n, 32, 32] stroke opacity, 24 px tall, centred.
+
+    Not jittered on purpose: with ±2 px jitter a tiny ViT trained from scratch on ~1,200
+    images learned only the cue within 30 epochs (OOD at chance) — measured here; centred
+    digits let ρ and the training length, not the rendering, decide how much digit it learns.
+    """
     import torch
     import torch.nn.functional as F
 
     small = torch.from_numpy(digits.reshape(-1, 1, 8, 8).astype(np.float32) / 16.0)
     big = F.interpolate(small, size=(24, 24), mode="bilinear", align_corners=False)[:, 0].numpy()
     out = np.zeros((len(digits), SIZE, SIZE), np.float32)
-    offsets = rng.integers(-2, 3, size=(len(digits), 2))
-    for i, (dy, dx) in enumerate(offsets):
-        y, x = 4 + dy, 4 + dx
-        out[i, y:y + 24, x:x + 24] = big[i]
+    out[:, 4:28, 4:28] = big
     return np.clip(out * 1.2, 0, 1)
 
 
@@ -107,7 +109,7 @@ def _render_digits(kind: str, digits: np.ndarray, cues: np.ndarray,
     n = len(digits)
     palette = _palette()
     colour = palette[cues] + rng.normal(0, 0.03, (n, 3)).astype(np.float32)
-    alpha = _digit_alpha(digits, rng)[..., None]
+    alpha = _digit_alpha(digits)[..., None]
     stroke = rng.uniform(0.0, 0.15, (n, 1, 1, 1)).astype(np.float32)
     if kind == "digits-background":
         bg = np.broadcast_to(colour[:, None, None, :], (n, SIZE, SIZE, 3)).copy()
@@ -286,7 +288,7 @@ def build_demo_task(name: str, root: str | os.PathLike, *, seed: int = 0,
     task_dir = Path(root) / name
     task_dir.mkdir(parents=True, exist_ok=True)
     if name in DIGIT_TASKS:
-        params = {"seed": seed, "ood_cues": ood_cues, "version": 2}
+        params = {"seed": seed, "ood_cues": ood_cues, "version": 3}
         plan = _digits_plan(name, seed, rhos, ood_cues)
         classes = [str(k) for k in range(10)]
     else:

@@ -1,0 +1,134 @@
+"""Corruptions: shapes, ranges, determinism, severity ordering, and shifted datasets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from circuitray.data.datasets import DomainFolderDataset, eval_transform, make_loader
+from circuitray.data.shifts import (
+    BENCHMARK,
+    CORRUPTIONS,
+    ShiftedDataset,
+    _elastic_fields,
+    _octave_noise,
+    corrupt,
+    rgb_to_hsv,
+)
+from circuitray.errors import ConfigError, InputError
+
+# Kinds whose published constants make the RMS distance to the clean image grow strictly.
+MONOTONE = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "defocus_blur",
+            "gaussian_blur", "motion_blur", "zoom_blur", "fog", "brightness", "contrast",
+            "jpeg_compression")
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    """Natural-ish test images: smooth coloured fractal noise plus a sharp square."""
+    g = torch.Generator().manual_seed(0)
+    x = _octave_noise(24 * 3, 32, 1.5, g).view(24, 3, 32, 32) * 0.8 + 0.1
+    x[:, :, 10:20, 8:18] = torch.rand(24, 3, 1, 1, generator=g)
+    return x
+
+
+def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).pow(2).mean().sqrt().item()
+
+
+def test_at_least_twelve_benchmark_kinds_are_implemented() -> None:
+    assert len(BENCHMARK) >= 12
+    assert set(BENCHMARK) <= set(CORRUPTIONS)
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+def test_corruption_keeps_shape_range_and_is_deterministic(images, kind) -> None:
+    out = corrupt(images, kind, 3, seed=7)
+    assert out.shape == images.shape and out.dtype == images.dtype
+    assert out.min() >= 0 and out.max() <= 1
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, corrupt(images, kind, 3, seed=7))
+    assert _rms(out, images) > 1e-3, f"{kind} left the images unchanged"
+
+
+@pytest.mark.parametrize("kind", MONOTONE)
+def test_distance_from_clean_grows_with_severity(images, kind) -> None:
+    d = [_rms(corrupt(images, kind, s, seed=1), images) for s in range(1, 6)]
+    assert all(a < b for a, b in zip(d, d[1:], strict=False)), f"{kind}: {d}"
+
+
+@pytest.mark.parametrize("kind", ("glass_blur", "frost", "pixelate"))
+def test_non_monotone_kinds_still_hurt_most_at_severity_five(images, kind) -> None:
+    d = [_rms(corrupt(images, kind, s, seed=1), images) for s in range(1, 6)]
+    assert d[4] > d[0] > 0, f"{kind}: {d}"
+
+
+def test_elastic_local_warp_grows_while_affine_warp_shrinks() -> None:
+    from circuitray.data.shifts import _C
+
+    local, affine = [], []
+    for s in range(1, 6):
+        c = _C["elastic_transform"][0][s - 1]
+        g = torch.Generator().manual_seed(0)
+        src, disp = _elastic_fields(16, 32, 32, c, g)
+        local.append(disp.pow(2).mean().sqrt().item())
+        ident = torch.stack(torch.meshgrid(torch.arange(32.0), torch.arange(32.0),
+                                           indexing="xy"), -1)
+        affine.append((src - ident).pow(2).mean().sqrt().item())
+    assert local[0] == 0 and all(a < b for a, b in zip(local, local[1:], strict=False)), local
+    assert all(a > b for a, b in zip(affine, affine[1:], strict=False)), affine
+
+
+def test_saturate_desaturates_then_oversaturates(images) -> None:
+    sat = [rgb_to_hsv(corrupt(images, "saturate", s))[:, 1].mean().item() for s in range(1, 6)]
+    clean = rgb_to_hsv(images)[:, 1].mean().item()
+    assert sat[1] < sat[0] < clean < sat[2] < sat[3] < sat[4]
+
+
+def test_noise_depends_on_seed(images) -> None:
+    a = corrupt(images, "gaussian_noise", 2, seed=0)
+    b = corrupt(images, "gaussian_noise", 2, seed=1)
+    assert not torch.equal(a, b)
+
+
+def test_imagenet_constants_apply_to_large_images() -> None:
+    x = torch.rand(2, 3, 96, 96)
+    small = corrupt(x, "gaussian_noise", 5, scale="cifar", seed=0)
+    large = corrupt(x, "gaussian_noise", 5, seed=0)  # auto: 96 px -> ImageNet-C's 0.38
+    assert _rms(large, x) > 2 * _rms(small, x)
+    for kind in CORRUPTIONS:
+        out = corrupt(x, kind, 5, seed=0)
+        assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1, kind
+
+
+def test_bad_arguments_name_the_problem(images) -> None:
+    with pytest.raises(ConfigError, match="unknown corruption 'smog'"):
+        corrupt(images, "smog", 1)
+    with pytest.raises(ConfigError, match="severity must be 1..5"):
+        corrupt(images, "fog", 6)
+    with pytest.raises(InputError, match=r"\[B, 3, H, W\]"):
+        corrupt(images[0], "fog", 1)
+
+
+def test_shifted_dataset_corrupts_before_normalization(tmp_path) -> None:
+    import timm
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (32, 32), (40 * i + 50, 120, 200)).save(tmp_path / "d" / c / f"{i}.png")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                              patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=2)
+    tf = eval_transform(model)
+    base = DomainFolderDataset(tmp_path, "d", tf)
+    shifted = ShiftedDataset(base, "contrast", 5, seed=3)
+    x, label, domain = shifted[4]
+    unit, _, _ = base.unit(4)
+    expected = tf.normalize(corrupt(unit[None], "contrast", 5, seed=3 * 1_000_003 + 4)[0])
+    assert torch.allclose(x, expected)
+    assert domain == "d+contrast-5" and label == base[4][1]
+    images, labels, domains = next(iter(make_loader(shifted, 4)))
+    assert images.shape == (4, 3, 32, 32) and domains[0] == "d+contrast-5"
+    # same item, same corruption regardless of batching
+    assert torch.allclose(images[0], shifted[0][0])
