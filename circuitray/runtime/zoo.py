@@ -5,12 +5,14 @@ Output layout under `out_dir`:
   checkpoints.csv   every saved checkpoint, final and intermediate, with `epoch`, `final` and
                     `parent_id` (the final model's id) for training-dynamics studies
   failures.parquet  configurations that failed (FAILURE_SCHEMA), when any did
+  zoo_run.json      wall time and counts (trained / reused / failed) of the latest run
   weights/, records/  see circuitray.training
 Relative paths in the manifests (weights, data_root) are relative to `out_dir`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import sys
@@ -121,7 +123,12 @@ def train_zoo(config: ZooConfig, out_dir: str | os.PathLike, *, reuse: bool = Tr
     _write_csv_atomic(table, out / "checkpoints.csv")
     finals = table[table["final"]].reset_index(drop=True)
     _write_csv_atomic(finals, out / "manifest.csv")
-    print(f"[train_zoo] done in {time.monotonic() - start:.0f}s: {len(finals)} models, "
+    wall = time.monotonic() - start
+    run = {"wall_seconds": wall, "trained": len(todo) - len(failures), "failed": len(failures),
+           "reused": len(specs) - len(todo), "executor": executor,
+           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (out / "zoo_run.json").write_text(json.dumps(run, indent=1))
+    print(f"[train_zoo] done in {wall:.0f}s: {len(finals)} models, "
           f"{len(table)} checkpoints, {len(failures)} failed\n{_summary(finals)}",
           file=stream, flush=True)
     return out / "manifest.csv"
