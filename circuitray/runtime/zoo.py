@@ -37,7 +37,7 @@ def prepare_data(config: ZooConfig) -> dict[str, Path]:
         kwargs: dict[str, Any] = {"seed": config.data_seed}
         if task in DIGIT_TASKS:
             kwargs.update(rhos=rhos, ood_cues=config.ood_cues)
-        dirs[task] = build_demo_task(task, config.data_root, **kwargs)
+        dirs[task] = build_demo_task(task, config.data_root, **kwargs).resolve()
     return dirs
 
 
@@ -67,7 +67,7 @@ def train_zoo(config: ZooConfig, out_dir: str | os.PathLike, *, reuse: bool = Tr
     others go on.
     """
     stream = stream or sys.stderr
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # Ray workers need paths that do not depend on their cwd
     out.mkdir(parents=True, exist_ok=True)
     (out / "zoo_config.json").write_text(pd.Series(to_dict(config)).to_json(indent=1))
     dirs = prepare_data(config)
