@@ -191,8 +191,8 @@ def score_batch(runner: _Runner, images: torch.Tensor, ablated: torch.Tensor, *,
     clean, clean_logits = runner.sources(images, where)
     N, T = clean.shape[1], clean.shape[2]
     ablated = ablated.to(runner.work).expand(g.n_src, N, T, D)
-    delta = (ablated - clean).reshape(g.n_src, N, T * D)
     e_abl, e_clean = ablated[0], clean[0].clone()
+    delta = clean.neg_().add_(ablated).view(g.n_src, N, T * D)  # ã − a, in place: one copy
     del clean
     total = torch.zeros(g.n_src, g.n_dst, dtype=torch.float64, device=runner.device)
     per = (torch.zeros(N, g.n_src, g.n_dst, dtype=torch.float64, device=runner.device)

@@ -27,9 +27,12 @@ def edge_count(n_blocks: int, n_heads: int) -> int:
             + (H + 1) * L * (L + 1) // 2 + 1 + L * (H + 1))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ViTGraph:
-    """Nodes of an L-block, H-head ViT in forward order; which (src, dst) pairs are edges."""
+    """Nodes of an L-block, H-head ViT in forward order; which (src, dst) pairs are edges.
+
+    Two graphs are equal when their shapes are (the model name is a label, not structure).
+    """
 
     n_blocks: int
     n_heads: int
@@ -55,6 +58,14 @@ class ViTGraph:
         object.__setattr__(self, "dst_names", dst)
         object.__setattr__(self, "src_depth", np.asarray(sdep, dtype=np.int64))
         object.__setattr__(self, "dst_depth", np.asarray(ddep, dtype=np.int64))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ViTGraph):
+            return NotImplemented
+        return (self.n_blocks, self.n_heads) == (other.n_blocks, other.n_heads)
+
+    def __hash__(self) -> int:
+        return hash((self.n_blocks, self.n_heads))
 
     # -- construction -------------------------------------------------------------------
     @classmethod

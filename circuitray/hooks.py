@@ -126,18 +126,23 @@ class ViTAdapter:
         out = torch.einsum("...thi,dhi->h...td", zh, w)
         return out * self._gamma(blk.ls1, out)
 
+    @torch.no_grad()
     def expand_sources(self, inp: torch.Tensor, zs: list[torch.Tensor],
                        ms: list[torch.Tensor]) -> torch.Tensor:
         """Stack node values in graph source order: [n_src, ..., T, D].
 
         `ms` are MLP outputs after LayerScale *with* fc2's bias; the bias is removed here
-        because biases belong to no node (DESIGN §2).
+        because biases belong to no node (DESIGN §2). Node values are data here, never
+        differentiated through, hence no_grad.
         """
-        parts = [inp.unsqueeze(0)]
+        H = self.n_heads
+        out = inp.new_empty((self.graph.n_src, *inp.shape))  # filled in place: no 2x peak
+        out[0] = inp
         for layer, (z, m) in enumerate(zip(zs, ms, strict=True)):
-            parts.append(self.head_outputs(layer, z))
-            parts.append((m - self.mlp_bias(layer, m)).unsqueeze(0))
-        return torch.cat(parts, 0)
+            first = 1 + layer * (H + 1)
+            out[first:first + H] = self.head_outputs(layer, z)
+            torch.sub(m, self.mlp_bias(layer, m), out=out[first + H])
+        return out
 
     # -- input checks -------------------------------------------------------------------
     def check_images(self, images: torch.Tensor, where: str) -> None:

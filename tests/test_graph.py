@@ -88,3 +88,8 @@ def test_unsupported_variants_are_refused_naming_model_and_part(kw, part):
 def test_a_non_vit_model_is_refused():
     with pytest.raises(UnsupportedModelError, match="not a timm VisionTransformer"):
         ViTGraph.from_model(torch.nn.Linear(3, 3))
+
+
+def test_graphs_compare_by_shape_and_are_hashable():
+    assert ViTGraph(2, 3, "a") == ViTGraph(2, 3, "b") != ViTGraph(3, 2)
+    assert len({ViTGraph(2, 3), ViTGraph(2, 3, "x")}) == 1
