@@ -140,11 +140,17 @@ def test_killed_worker_is_retried_and_every_output_is_written_once(
     assert not marker.resumed.all()
 
 
-def test_cli_config_error_names_the_key_before_any_work(tmp_path: Path, capsys) -> None:
-    from circuitray.cli import main
+def test_cli_config_error_names_the_key_before_any_work(tmp_path: Path, capsys,
+                                                        monkeypatch) -> None:
+    from circuitray import cli
+    from circuitray.runtime import ray_utils
 
-    code = main(["run", str(CONF), f"output_dir={tmp_path / 'job'}", "data.limt=3"])
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started before the config was validated")
+
+    monkeypatch.setattr(ray_utils, "ensure_ray", no_ray)
+    code = cli.main(["run", str(CONF), f"output_dir={tmp_path / 'job'}", "data.limt=3"])
     assert code == 2
     err = capsys.readouterr().err
     assert "data.limt" in err and "tiny.yaml" in err
-    assert not ray.is_initialized() and not (tmp_path / "job").exists()
+    assert not (tmp_path / "job").exists()
