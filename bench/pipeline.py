@@ -112,11 +112,9 @@ def bench_discover(n_ckpt: int, repeats: int, root: Path) -> dict:
 
 def bench_demo(root: Path) -> dict:
     """`circuitray demo` twice into a fresh job folder: zoo reused, pipeline timed."""
-    out = REPO / "runs" / "demo"
-    job = out / "job-bench"
+    job = REPO / "runs" / "demo" / "job-bench"
     shutil.rmtree(job, ignore_errors=True)
-    cmd = [str(REPO / ".venv" / "bin" / "circuitray"), "demo", "--out", str(out),
-           f"output_dir={job}"]
+    cmd = [str(REPO / ".venv" / "bin" / "circuitray"), "demo", f"output_dir={job}"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - start

@@ -62,12 +62,11 @@ def _demo(args: argparse.Namespace) -> int:
     from circuitray.job_config import load_job_config
     from circuitray.runtime.pipeline import format_report, run_pipeline
 
-    out = Path(args.out).resolve()
-    zoo_dir = out / "zoo"
+    zoo_dir = Path(args.zoo_out).resolve()
     start = time.perf_counter()
     manifest = _demo_zoo(_repo_file(args.zoo_config), zoo_dir, list(args.zoo_overrides or []))
     zoo_s = time.perf_counter() - start
-    overrides = [f"manifest={manifest}", f"output_dir={out / 'job'}", *args.overrides]
+    overrides = [f"manifest={manifest}", *args.overrides]
     cfg = load_job_config(_repo_file(args.config), overrides)
     start = time.perf_counter()
     result = run_pipeline(cfg, force_reduce=args.force)
@@ -119,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--zoo-config", default=DEMO_ZOO_CONF)
     demo.add_argument("--zoo-override", dest="zoo_overrides", action="append",
                       help="key=value override of the zoo config (repeatable)")
-    demo.add_argument("--out", default="runs/demo", help="zoo and job outputs go here")
+    demo.add_argument("--zoo-out", default="runs/zoo-demo",
+                      help="the demo zoo (shared with jobs/train_zoo.py's default)")
     demo.add_argument("--force", action="store_true", help="recompute reduce")
     return parser
 
