@@ -79,8 +79,8 @@ def test_corrupt_checkpoint_lands_in_failures_and_rerun_recomputes_nothing(
     assert domains.accuracy.between(0, 1).all()
     assert domains.loc[domains.role == "shift", "css_srcc"].notna().all()
     assert (layout.evaluation / "results.parquet").exists()
-    assert {p.name for p in result.reduce.figures} >= {"circuit.png", "css_vs_acc.png",
-                                                        "alarm.png"}
+    assert {p.name for p in result.reduce.figures} >= {
+        "circuit.png", "css_vs_acc.png", "ood_vs_ddb_toy.png", "alarm.png", "lambda_toy.png"}
     client = MlflowClient(tracking_uri=f"sqlite:///{layout.root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("circuitray-tiny")
     runs = client.search_runs([exp.experiment_id])

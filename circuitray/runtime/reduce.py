@@ -252,21 +252,19 @@ def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
 
     fig_dir = layout.figures
     paths: list[Path] = []
-    tau = cfg.reduce.taus[0]
+    tau = 0.3 if 0.3 in cfg.reduce.taus else cfg.reduce.taus[0]  # the paper's τ if computed
     ddb = f"ddb_out_{tau:g}"
     final = models
-    if not final.empty and ddb in final:
-        paths.append(plots.scatter_panels(final, [ddb], "ood_acc", fig_dir / "ood_vs_ddb.png",
-                                          hue="task", title="OOD accuracy vs DDB_out"))
-        results = evals.get("results")
-        base_cols = []
-        if results is not None and "kind" in results:
-            base_cols = [m for m in results[results.kind == "baseline"].metric
-                         if m in final][:5]
-        if base_cols:
-            paths.append(plots.scatter_panels(final, [ddb, *base_cols], "ood_acc",
-                                              fig_dir / "ood_vs_baselines.png", hue="task",
-                                              title="OOD accuracy: DDB_out vs best baselines"))
+    results = evals.get("results")
+    best = []
+    if results is not None and "kind" in results:  # sorted by pre-deployment composite
+        best = [m for m in results[results.kind == "baseline"].metric if m in final][:3]
+    for task, part in (final.groupby("task") if ddb in final else []):
+        # tasks are never pooled: the sign of DDB depends on where the spurious cue lives
+        paths.append(plots.scatter_panels(part, [ddb, *best], "ood_acc",
+                                          fig_dir / f"ood_vs_ddb_{safe_name(task)}.png",
+                                          title=f"{task}: OOD accuracy vs DDB_out (τ={tau:g}) "
+                                                "and the best output-based baselines"))
     lam_cols = [c for c in models.columns if c.startswith("lam_")]
     if lam_cols and not final.empty:
         d = int(round(len(lam_cols) ** 0.5))
@@ -287,7 +285,9 @@ def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
     if not shift.empty and css:
         paths.append(plots.scatter_panels(shift, css, "accuracy", fig_dir / "css_vs_acc.png",
                                           hue="checkpoint", y_label="domain accuracy",
-                                          title="post-deployment: CSS vs domain accuracy"))
+                                          title="post-deployment: CSS vs domain accuracy "
+                                                "(statistics pooled over models; per-model "
+                                                "ones in evaluation/post_deployment)"))
         proxy = frame[frame.role == "proxy"]
         metric = "css_srcc" if "css_srcc" in css else css[0]
         if not proxy.empty:
