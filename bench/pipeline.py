@@ -45,7 +45,7 @@ def _reexec_with_mimalloc(args: argparse.Namespace) -> None:
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
-def _discover_once(manifest: Path, out: Path, workers: int) -> float:
+def _discover_once(manifest: Path, out: Path, task_cpus: int) -> float:
     from circuitray.job_config import load_job_config
     from circuitray.runtime.discover import run_discover
 
@@ -53,8 +53,8 @@ def _discover_once(manifest: Path, out: Path, workers: int) -> float:
         f"manifest={manifest}", f"output_dir={out}", "data.limit=128",
         "data.attribution_limit=64", "data.batch_size=64", "data.shift_kinds=[gaussian_noise]",
         "data.shift_severities=[3]", "data.proxy_kinds=[brightness]",
-        "data.proxy_severities=[3]", "attribution.steps=5", "resources.num_cpus=1",
-        f"resources.local_num_cpus={workers}"])
+        "data.proxy_severities=[3]", "attribution.steps=5", f"resources.num_cpus={task_cpus}",
+        "resources.torch_threads=1"])
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     summary = run_discover(cfg)
@@ -82,26 +82,39 @@ def _warm(workers: int) -> None:
 
 
 def bench_discover(n_ckpt: int, repeats: int, root: Path) -> dict:
+    """1 vs 2 workers inside ONE local Ray of 2 CPUs, interleaved repeat by repeat.
+
+    One worker = tasks that each ask for both CPUs (so they run one at a time, still with
+    one torch thread); two workers = tasks asking for one CPU. Interleaving puts both
+    settings under the same background load, which on a shared machine moves a lot.
+    """
     import ray
     from _jobdata import write_checkpoints
 
     manifest = write_checkpoints(root / "fixture", n_ckpt, arch_kwargs=DEMO_ARCH,
                                  n_per_class=64)
+    times: dict[int, list[float]] = {1: [], 2: []}
+    loads: dict[int, list[float]] = {1: [], 2: []}
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        _warm(2)
+        for i in range(repeats):
+            for workers in (1, 2):
+                t = _discover_once(manifest, root / f"out-{workers}-{i}", 2 if workers == 1 else 1)
+                times[workers].append(t)
+                loads[workers].append(os.getloadavg()[0])
+                print(f"repeat {i}: {workers} worker(s) {t:.1f} s (load {loads[workers][-1]:.1f})",
+                      flush=True)
+    finally:
+        ray.shutdown()
     results = {}
     for workers in (1, 2):
-        ray.init(address="local", num_cpus=workers, include_dashboard=False,
-                 log_to_driver=False)
-        try:
-            _warm(workers)
-            times = [_discover_once(manifest, root / f"out-{workers}-{i}", workers)
-                     for i in range(repeats)]
-        finally:
-            ray.shutdown()
-        med = statistics.median(times)
-        results[workers] = {"seconds": times, "median_s": med,
-                            "checkpoints_per_hour": 3600 * n_ckpt / med}
-        print(f"discover, {workers} worker(s): {[f'{t:.1f}' for t in times]} s, median "
-              f"{med:.1f} s, {3600 * n_ckpt / med:.0f} checkpoints/hour", flush=True)
+        med = statistics.median(times[workers])
+        results[workers] = {"seconds": times[workers], "median_s": med,
+                            "checkpoints_per_hour": 3600 * n_ckpt / med,
+                            "load_avg_1min_after_each": loads[workers]}
+        print(f"discover, {workers} worker(s): median {med:.1f} s, "
+              f"{3600 * n_ckpt / med:.0f} checkpoints/hour", flush=True)
     speedup = results[1]["median_s"] / results[2]["median_s"]
     print(f"speedup 2 vs 1 workers: {speedup:.2f}x (target >= 1.7x)", flush=True)
     return {"checkpoints": n_ckpt, "domains_per_checkpoint": 4, "examples_per_domain": 128,
