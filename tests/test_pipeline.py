@@ -23,7 +23,7 @@ from circuitray.runtime.discover import (
     run_discover,
 )
 from circuitray.runtime.layout import JobLayout
-from circuitray.runtime.pipeline import run_pipeline
+from circuitray.runtime.pipeline import format_report, run_pipeline
 from circuitray.tables import read_parquet
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "tiny.yaml"
@@ -81,6 +81,9 @@ def test_corrupt_checkpoint_lands_in_failures_and_rerun_recomputes_nothing(
     assert (layout.evaluation / "results.parquet").exists()
     assert {p.name for p in result.reduce.figures} >= {
         "circuit.png", "css_vs_acc.png", "ood_vs_ddb_toy.png", "alarm.png", "lambda_toy.png"}
+    report = format_report(result.reduce.frames)
+    assert "PRE-DEPLOYMENT" in report and "task toy" in report and "SILENT-FAILURE" in report
+    assert "too few points" in report  # 2 models: no statistic, and the table says why
     client = MlflowClient(tracking_uri=f"sqlite:///{layout.root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("circuitray-tiny")
     runs = client.search_runs([exp.experiment_id])
