@@ -23,7 +23,7 @@ import pandas as pd
 
 from circuitray.config import to_dict
 from circuitray.errors import CircuitrayError, MetricError
-from circuitray.job_config import JobConfig
+from circuitray.job_config import JobConfig, ReduceConfig
 from circuitray.runtime.discover import is_final, manifest_rows, read_domains, read_failures
 from circuitray.runtime.layout import JobLayout, safe_name
 from circuitray.tables import read_parquet, write_parquet_atomic
@@ -56,36 +56,64 @@ def fingerprint(layout: JobLayout, cfg: JobConfig) -> str:
     return h.hexdigest()
 
 
-def _per_checkpoint(layout: JobLayout, domains: pd.DataFrame, cfg: JobConfig
-                    ) -> dict[str, pd.DataFrame]:
-    """Depth metrics, CSS, baselines and accuracy, streamed checkpoint by checkpoint."""
+_PARTS = ("depth", "shift", "baselines", "detectors", "accuracy")
+
+
+def checkpoint_metrics(root: str, task: str, cid: str, id_domain: str, n_domains: int,
+                       r: ReduceConfig, threads: int = 1) -> dict[str, pd.DataFrame]:
+    """Depth metrics, CSS, baselines, detectors and accuracy of ONE checkpoint's files.
+
+    Pure (files in, frames out), so it runs inline or as a Ray task next to the data.
+    """
+    from threadpoolctl import threadpool_limits
+
     from circuitray.baselines import domain_accuracy, pre_deployment_baselines, shift_detectors
     from circuitray.metrics.depth import depth_metrics
     from circuitray.metrics.shift import shift_scores
 
-    r = cfg.reduce
-    parts: dict[str, list[pd.DataFrame]] = {"depth": [], "shift": [], "baselines": [],
-                                            "detectors": [], "accuracy": []}
-    groups = domains.groupby(["task", "checkpoint"], sort=True)
-    total, start = groups.ngroups, time.monotonic()
-    for i, ((task, cid), doms) in enumerate(groups, 1):
-        id_domain = doms.loc[doms.role == "id", "domain"].iloc[0]
+    layout = JobLayout.of(root)
+    out: dict[str, pd.DataFrame] = {}
+    with threadpool_limits(threads):
         edges = read_parquet(layout.edges / safe_name(task) / safe_name(cid))
-        parts["depth"].append(depth_metrics(edges, taus=tuple(r.taus), targets=tuple(r.targets)))
-        if len(doms) > 1:
-            parts["shift"].append(shift_scores(edges, id_domain=id_domain,
-                                               variants=list(r.css_variants), top_n=r.top_n))
+        out["depth"] = depth_metrics(edges, taus=tuple(r.taus), targets=tuple(r.targets))
+        if n_domains > 1:
+            out["shift"] = shift_scores(edges, id_domain=id_domain,
+                                        variants=list(r.css_variants), top_n=r.top_n)
         outputs = read_parquet(layout.outputs / safe_name(task) / safe_name(cid)).to_pandas()
-        parts["accuracy"].append(domain_accuracy(outputs))
-        parts["baselines"].append(pre_deployment_baselines(outputs, id_domain=id_domain))
-        if len(doms) > 1:
-            parts["detectors"].append(shift_detectors(outputs, id_domain=id_domain,
-                                                      seed=r.seed))
-        if i % 25 == 0 or i == total:
-            print(f"[reduce] metrics {i}/{total} checkpoints, "
-                  f"{time.monotonic() - start:.0f}s", file=sys.stderr, flush=True)
-    return {k: pd.concat(v, ignore_index=True) if v else pd.DataFrame()
-            for k, v in parts.items()}
+        out["accuracy"] = domain_accuracy(outputs)
+        out["baselines"] = pre_deployment_baselines(outputs, id_domain=id_domain)
+        if n_domains > 1:
+            out["detectors"] = shift_detectors(outputs, id_domain=id_domain, seed=r.seed)
+    return out
+
+
+def _per_checkpoint(layout: JobLayout, domains: pd.DataFrame, cfg: JobConfig
+                    ) -> dict[str, pd.DataFrame]:
+    """`checkpoint_metrics` for every complete checkpoint: as Ray tasks when a Ray is up
+    (the pipeline's, or a cluster's), else inline; memory stays one checkpoint per worker."""
+    import ray
+
+    args = []
+    for (task, cid), doms in domains.groupby(["task", "checkpoint"], sort=True):
+        id_domain = doms.loc[doms.role == "id", "domain"].iloc[0]
+        args.append((str(layout.root), task, cid, id_domain, len(doms), cfg.reduce))
+    results: list[dict[str, pd.DataFrame]] = []
+    if ray.is_initialized() and len(args) > 1:
+        from circuitray.runtime.ray_utils import iter_completed
+
+        task_fn = ray.remote(num_cpus=1, max_retries=cfg.resources.max_retries)(
+            checkpoint_metrics)
+        refs = [task_fn.remote(*a) for a in args]
+        results = [res for _, res in iter_completed(refs, "reduce metrics")]
+    else:
+        start = time.monotonic()
+        for i, a in enumerate(args, 1):
+            results.append(checkpoint_metrics(*a))
+            if i % 25 == 0 or i == len(args):
+                print(f"[reduce] metrics {i}/{len(args)} checkpoints, "
+                      f"{time.monotonic() - start:.0f}s", file=sys.stderr, flush=True)
+    return {k: pd.concat([res[k] for res in results if k in res], ignore_index=True)
+            if any(k in res for res in results) else pd.DataFrame() for k in _PARTS}
 
 
 def _numeric_metrics(frame: pd.DataFrame, exclude: set[str]) -> list[str]:
