@@ -157,3 +157,39 @@ def test_cli_config_error_names_the_key_before_any_work(tmp_path: Path, capsys,
     err = capsys.readouterr().err
     assert "data.limt" in err and "tiny.yaml" in err
     assert not (tmp_path / "job").exists()
+
+
+def test_domain_specs_cover_id_ood_shifts_and_proxies_and_intermediates(tmp_path: Path) -> None:
+    cfg = load_job_config(CONF, [f"manifest={tmp_path / 'm.csv'}"], base=tmp_path)
+    row = {"checkpoint_id": "c", "id_domain": "id-rho0.7", "ood_domain": "ood"}
+    specs = domain_specs(row, cfg)
+    assert [s.name for s in specs] == [
+        "id-rho0.7", "ood", "shift:gaussian_noise:1", "shift:gaussian_noise:5",
+        "proxy:brightness:1", "proxy:brightness:5"]
+    assert {s.source for s in specs} == {"id-rho0.7", "ood"}  # corruptions of the ID split
+    assert [s.name for s in domain_specs({**row, "final": False}, cfg)] == ["id-rho0.7", "ood"]
+
+
+def test_unreadable_domain_is_a_failure_row_naming_the_path(tmp_path: Path) -> None:
+    from circuitray.runtime.discover import discover_checkpoint, record_result
+
+    manifest = write_checkpoints(tmp_path, 1)
+    cfg = _config(tmp_path, manifest, "data.id_domain=missing-domain")
+    row = manifest_rows(cfg)[0]
+    result = discover_checkpoint(row, cfg)
+    assert result["status"] == "failed" and result["stage"] == "data"
+    assert "missing-domain" in result["error"]
+    layout = JobLayout.of(cfg.output_dir)
+    record_result(layout, result)
+    assert read_failures(layout).checkpoint.tolist() == ["ckpt0"]
+    assert not layout.is_complete("ckpt0") and not layout.running_file("ckpt0").exists()
+    record_result(layout, {"checkpoint": "ckpt0", "status": "done"})  # a later success
+    assert read_failures(layout).empty
+
+
+def test_safe_names_never_collide() -> None:
+    from circuitray.runtime.layout import safe_name
+
+    assert safe_name("vit-s_lr3e-4.seed2") == "vit-s_lr3e-4.seed2"
+    assert safe_name("a/b") != safe_name("a_b") and "/" not in safe_name("a/b")
+    assert not safe_name("..").startswith(".")

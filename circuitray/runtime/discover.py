@@ -253,12 +253,15 @@ def discover_checkpoint(row: Mapping[str, Any], cfg: JobConfig) -> dict[str, Any
             print(f"[discover {cid}] {spec.name}: {rows[-1]['n_examples']} examples, "
                   f"{rows[-1]['seconds']:.1f}s{' (resumed)' if rows[-1]['resumed'] else ''}",
                   file=sys.stderr, flush=True)
-        write_parquet_atomic(pa.Table.from_pylist(rows, schema=DOMAIN_SCHEMA),
-                             layout.marker(cid))
+        try:
+            write_parquet_atomic(pa.Table.from_pylist(rows, schema=DOMAIN_SCHEMA),
+                                 layout.marker(cid))
+        except Exception as exc:
+            raise _StageError("write", exc) from exc
         return {"checkpoint": cid, "status": "done", "seconds": time.perf_counter() - start}
-    except _StageError as exc:
-        err = exc.error
-        return {"checkpoint": cid, "status": "failed", "stage": exc.stage,
+    except Exception as exc:  # one bad checkpoint never stops the job
+        stage, err = (exc.stage, exc.error) if isinstance(exc, _StageError) else ("internal", exc)
+        return {"checkpoint": cid, "status": "failed", "stage": stage,
                 "error_type": type(err).__name__,
                 "error": f"{err}\n{''.join(traceback.format_exception(err)[-3:])}".strip(),
                 "seconds": time.perf_counter() - start}
