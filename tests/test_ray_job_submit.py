@@ -8,6 +8,7 @@ Ray instances on the machine).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -111,6 +112,7 @@ def test_ray_job_submit_on_loopback_cluster_writes_tables_and_mlflow_runs(tmp_pa
         assert "[discover] 3 checkpoints" in log  # the job's own output came back
     finally:
         _stop(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     assert head.poll() is not None, "ray start --block is still running"
 
     from mlflow.tracking import MlflowClient
