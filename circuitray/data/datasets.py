@@ -183,7 +183,7 @@ class ParquetImageDataset(_ImageDataset):
     """A Parquet table with columns image (encoded bytes), label (nullable int), domain.
 
     Rows are filtered to `domain` when given. Null labels become −1 (unlabeled).
-    `classes` is the label range as strings unless the table's metadata says otherwise.
+    `classes` is the label range as strings ("0".."max"). The table is read into memory.
     """
 
     def __init__(self, path: str | os.PathLike, domain: str | None = None,
