@@ -157,3 +157,16 @@ def test_bad_checkpoint_does_not_stop_the_others(tmp_path, model) -> None:
     results = [(row["checkpoint_id"], m is not None, e) for row, m, e in iter_checkpoints(df)]
     assert [r[:2] for r in results] == [("g1", True), ("b", False), ("g2", True)]
     assert results[1][2].checkpoint_id == "b" and "bad.safetensors" in results[1][2].path
+
+
+def test_weights_from_an_fsspec_uri(tmp_path, model) -> None:
+    import fsspec
+
+    path = _save_safetensors(model, tmp_path / "m.safetensors")
+    with fsspec.open("memory://zoo/m.safetensors", "wb") as fh:
+        fh.write(path.read_bytes())
+    loaded = load_checkpoint(_row("memory://zoo/m.safetensors"))
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(loaded(x), model(x))
+    with pytest.raises(CheckpointError, match="memory://zoo/missing.safetensors"):
+        load_checkpoint(_row("memory://zoo/missing.safetensors"))
