@@ -333,9 +333,11 @@ def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
                           if c in _hyper(manifest)]], on="checkpoint", how="left")
     if {"epoch", "parent_id"} <= set(inter.columns) and ddb in inter and \
             inter.groupby("parent_id").size().gt(1).any():
-        paths.append(plots.trajectories(inter.dropna(subset=["epoch"]), "epoch", ddb,
-                                        "parent_id", fig_dir / "ddb_over_training.png",
-                                        title="DDB_out on OOD data over training"))
+        for task, part in inter.dropna(subset=["epoch"]).groupby("task"):
+            paths.append(plots.trajectories(
+                part, "epoch", ddb, "parent_id",
+                fig_dir / f"ddb_over_training_{safe_name(task)}.png",
+                title=f"{task}: DDB_out (τ={tau:g}) on OOD data over training, one line per run"))
     if not final.empty:
         task, cid, dom = final.iloc[0][["task", "checkpoint", "domain"]]
         edges = read_parquet(layout.edges_file(task, cid, dom)).to_pandas()
@@ -431,6 +433,8 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
                                                motif, result.notes),
                                result.notes, "figures") or []
     result.frames = {"domains": frame, "models": models, **evals}
+    if isinstance(motif.get("summary"), pd.DataFrame):
+        result.frames["motif_summary"] = motif["summary"]
     failures = read_failures(layout)
     summary = {"checkpoints_complete": int(domains.checkpoint.nunique()),
                "checkpoints_failed": int(len(failures)),
