@@ -123,11 +123,12 @@ def bench_discover(n_ckpt: int, repeats: int, root: Path) -> dict:
             "speedup_2_vs_1": speedup}
 
 
-def bench_demo(root: Path) -> dict:
-    """`circuitray demo` twice into a fresh job folder: zoo reused, pipeline timed."""
+def bench_demo(root: Path, zoo_out: str) -> dict:
+    """`circuitray demo` into a fresh job folder with the zoo reused: the pipeline's time."""
     job = REPO / "runs" / "demo" / "job-bench"
     shutil.rmtree(job, ignore_errors=True)
-    cmd = [str(REPO / ".venv" / "bin" / "circuitray"), "demo", f"output_dir={job}"]
+    cmd = [str(REPO / ".venv" / "bin" / "circuitray"), "demo", "--zoo-out", zoo_out,
+           f"output_dir={job}"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -135,8 +136,12 @@ def bench_demo(root: Path) -> dict:
     if proc.returncode != 0:
         return {"ok": False, "seconds": seconds, "tail": (proc.stdout + proc.stderr)[-2000:]}
     zoo = [ln for ln in proc.stdout.splitlines() if ln.startswith("zoo ")]
-    return {"ok": True, "seconds_total": seconds, "timing_line": zoo[-1] if zoo else "",
-            "report_tail": proc.stdout[-4000:]}
+    disc = [ln for ln in proc.stderr.splitlines() if ln.startswith("discover: ")]
+    red = [ln for ln in proc.stderr.splitlines() if ln.startswith("[reduce] ") and " in " in ln]
+    return {"ok": True, "zoo_dir": zoo_out, "seconds_total": seconds,
+            "timing_line": zoo[-1] if zoo else "", "discover_line": disc[-1] if disc else "",
+            "reduce_line": red[-1] if red else "", "load_avg_after": os.getloadavg(),
+            "report": proc.stdout}
 
 
 def main() -> int:
@@ -145,6 +150,9 @@ def main() -> int:
     parser.add_argument("--checkpoints", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--demo", action="store_true", help="also time `circuitray demo`")
+    parser.add_argument("--zoo-out", default="runs/zoo-demo", help="the trained zoo to reuse")
+    parser.add_argument("--skip-discover", action="store_true",
+                        help="keep the discover numbers already in --out")
     parser.add_argument("--no-mimalloc", action="store_true")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "pipeline.json"))
     args = parser.parse_args()
@@ -154,17 +162,20 @@ def main() -> int:
     root.mkdir(parents=True, exist_ok=True)
     import torch
 
-    report = {
+    out = Path(args.out)
+    report = json.loads(out.read_text()) if out.exists() else {}
+    report.update({
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "gpu": torch.cuda.is_available(),
                     "note": "2 cores shared with other engineers' jobs during the run; "
                             "no GPU was lent to this session"},
         "ld_preload": os.environ.get("LD_PRELOAD", ""),
-        "discover": bench_discover(args.checkpoints, args.repeats, root),
-    }
+    })
+    if not args.skip_discover:
+        report["discover"] = bench_discover(args.checkpoints, args.repeats, root)
     if args.demo:
-        report["demo"] = bench_demo(root)
+        report["demo"] = bench_demo(root, args.zoo_out)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
