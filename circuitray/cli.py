@@ -42,8 +42,10 @@ def _run(args: argparse.Namespace, stages: list[str] | None) -> int:
     overrides = list(args.overrides) + ([f"stages={stages}"] if stages else [])
     cfg = load_job_config(args.config, overrides)
     result = run_pipeline(cfg, force_reduce=getattr(args, "force", False))
-    if result.reduce is not None and not result.reduce.skipped:
-        print(format_report(result.reduce.frames))
+    if result.reduce is not None:
+        frames = result.reduce.frames if not result.reduce.skipped else _stored_frames(
+            Path(cfg.output_dir) / "evaluation")  # unchanged since last time: reprint it
+        print(format_report(frames))
     _where(cfg)
     return 0
 
