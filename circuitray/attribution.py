@@ -9,8 +9,8 @@ own backward pass), and all scores of a block are one matmul Δ[prefix, N·T·D]
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -283,6 +283,17 @@ def _mean_ablation(runner: _Runner, batches: Iterable, kind: str) -> tuple[torch
     return abl.unsqueeze(1), n  # [n_src, 1, T|1, D]
 
 
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) for reading node values; restores the caller's mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def _device(device: str | torch.device | None) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -304,14 +315,16 @@ def compute_ablation(model: nn.Module, batches: Iterable, ablation: str = "mean-
     if ablation not in ("mean-positional", "mean"):
         raise ConfigError(f"ablation: {ablation!r} has no dataset-level value; "
                           f"choose 'mean-positional', 'mean' or 'zero'")
-    return _mean_ablation(runner, batches, ablation)[0]
+    with _eval_mode(model.to(runner.device)):
+        return _mean_ablation(runner, batches, ablation)[0]
 
 
 def node_values(model: nn.Module, images: torch.Tensor,
                 *, device: str | torch.device | None = None) -> torch.Tensor:
     """Every source node's value on `images`: [n_src, N, T, D] (the 'corrupted' ablation)."""
     runner = _Runner(ViTAdapter(model), _device(device), "fp32")
-    return runner.sources(runner.images(images, "images"), "images")[0]
+    with _eval_mode(model.to(runner.device)):
+        return runner.sources(runner.images(images, "images"), "images")[0]
 
 
 def attribute(model: nn.Module, batches: Iterable, *, method: str = "eap-ig-inputs",

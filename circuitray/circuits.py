@@ -15,6 +15,7 @@ from torch import nn
 from circuitray.attribution import (
     EdgeScores,
     _device,
+    _eval_mode,
     _labels_for,
     compute_ablation,
     metric_per_example,
@@ -100,7 +101,7 @@ def run_with_circuit(model: nn.Module, images: torch.Tensor, mask: np.ndarray, *
     """
     adapter = ViTAdapter(model)
     dev = _device(device)
-    model.to(dev).eval()
+    model.to(dev)
     dtype = next(model.parameters()).dtype
     adapter.check_images(images, "images")
     images = images.to(dev, dtype=dtype)
@@ -114,7 +115,7 @@ def run_with_circuit(model: nn.Module, images: torch.Tensor, mask: np.ndarray, *
         abl = compute_ablation(model, reference if reference is not None else [images],
                                ablation, device=dev)
     m = torch.as_tensor(np.asarray(mask, dtype=bool) & adapter.graph.edge_mask(), device=dev)
-    with torch.no_grad():
+    with torch.no_grad(), _eval_mode(model):
         return adapter.graph_forward(images, mask=m, ablated=abl.to(dev))
 
 
@@ -137,7 +138,7 @@ def faithfulness(model: nn.Module, batches: Iterable, edge_scores: EdgeScores, *
     ablation = ablation or edge_scores.ablation or "mean-positional"
     adapter = ViTAdapter(model)
     graph, dev = adapter.graph, _device(device)
-    model.to(dev).eval()
+    model.to(dev)
     dtype = next(model.parameters()).dtype
     if graph.n_src != edge_scores.graph.n_src or graph.n_dst != edge_scores.graph.n_dst:
         raise ConfigError(f"faithfulness: scores are for a {edge_scores.graph.n_blocks}-block "
@@ -155,7 +156,7 @@ def faithfulness(model: nn.Module, batches: Iterable, edge_scores: EdgeScores, *
                                                                 device=dev)
     corrupted = iter(corrupted_batches) if corrupted_batches is not None else None
     sums, n = np.zeros(len(sizes) + 2), 0
-    with torch.no_grad():
+    with torch.no_grad(), _eval_mode(model):
         for i, item in enumerate(batches):
             images, labels = split_batch(item, f"batch {i}")
             adapter.check_images(images, f"batch {i}")

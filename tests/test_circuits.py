@@ -141,3 +141,16 @@ def test_corrupted_node_values_drive_circuit_runs():
     with torch.no_grad():
         torch.testing.assert_close(run_with_circuit(model, x, empty, ablation=abl), model(xc),
                                    rtol=0, atol=1e-6)
+
+
+def test_circuit_helpers_run_in_eval_mode_and_restore_train_mode():
+    model, x = tiny_vit(drop_rate=0.5, proj_drop_rate=0.5), images()
+    model.train()
+    full = np.ones((7, 15), dtype=bool)
+    a = run_with_circuit(model, x, full)
+    b = run_with_circuit(model, x, full)
+    assert model.training  # restored
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # no dropout in circuit runs
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(a, model(x), rtol=0, atol=1e-6)
