@@ -238,3 +238,14 @@ def test_bad_options_and_unsupported_models_are_refused():
         attribute(tiny_vit(), [x], metric="acc")
     with pytest.raises(ConfigError, match="corrupted_batches"):
         attribute(tiny_vit(), [x], ablation="corrupted")
+
+
+def test_dataloader_of_labeled_tuples_equals_a_list_of_tensors():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, x = tiny_vit(), images()
+    loader = DataLoader(TensorDataset(x, torch.arange(8) % 5), batch_size=3)
+    a = attribute(model, loader, steps=2)
+    b = attribute(model, [x], steps=2)
+    assert a.n_examples == 8
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-9, atol=1e-15)
