@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from circuitray.errors import MetricError, TableError
+from circuitray.graph import edge_count
 from circuitray.metrics.depth import (
     ddb_column,
     dependency_depth_bias,
@@ -16,7 +17,7 @@ from circuitray.metrics.depth import (
     depth_metrics,
     lambda_matrices,
 )
-from circuitray.metrics.synthetic import edge_count, synthetic_edges, vit_edge_list
+from circuitray.metrics.synthetic import synthetic_edges, vit_edge_list
 
 TAU = 1 / 3  # L = 3: low = block 0 (depth 1), high = block 2 (depth 3)
 

@@ -12,46 +12,23 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
+from circuitray.graph import ViTGraph
 from circuitray.tables import EDGE_SCHEMA
 
 
-def edge_count(n_blocks: int, n_heads: int) -> int:
-    """E = 3H·[L + (H+1)L(L−1)/2] + (H+1)L(L+1)/2 + 1 + L(H+1) (DESIGN §1)."""
-    L, H = n_blocks, n_heads
-    return 3 * H * (L + (H + 1) * L * (L - 1) // 2) + (H + 1) * L * (L + 1) // 2 + 1 + L * (H + 1)
-
-
 def vit_edge_list(n_blocks: int, n_heads: int) -> dict[str, np.ndarray]:
-    """Every edge of an L-block, H-head ViT in forward order: src, dst, src_depth, dst_depth."""
-    L, H = n_blocks, n_heads
-    sources = ["input"]
-    src_depth = [0]
-    for blk in range(L):
-        sources += [f"a{blk}.h{h}" for h in range(H)] + [f"m{blk}"]
-        src_depth += [blk + 1] * (H + 1)
-    src, dst, sd, dd = [], [], [], []
+    """Every edge of an L-block, H-head ViT in the order `EdgeScores.to_table` writes them.
 
-    def add(dst_name: str, n_src: int, depth: int) -> None:
-        src.extend(sources[:n_src])
-        sd.extend(src_depth[:n_src])
-        dst.extend([dst_name] * n_src)
-        dd.extend([depth] * n_src)
-
-    for blk in range(L):
-        before = 1 + blk * (H + 1)  # input and every node of the earlier blocks
-        for h in range(H):
-            for part in ("q", "k", "v"):
-                add(f"a{blk}.h{h}<{part}>", before, blk + 1)
-        add(f"m{blk}", before + H, blk + 1)  # the MLP also reads this block's heads
-    add("logits", len(sources), L + 1)
-    out = {
-        "src": np.array(src, dtype=object),
-        "dst": np.array(dst, dtype=object),
-        "src_depth": np.array(sd, dtype=np.int16),
-        "dst_depth": np.array(dd, dtype=np.int16),
+    Delegates to the (torch-free) `ViTGraph`, so synthetic and real tables share one
+    definition of the nodes, the edges and their order.
+    """
+    edges = ViTGraph(n_blocks, n_heads).edges()
+    return {
+        "src": edges["src"].to_numpy(object),
+        "dst": edges["dst"].to_numpy(object),
+        "src_depth": edges["src_depth"].to_numpy(np.int16),
+        "dst_depth": edges["dst_depth"].to_numpy(np.int16),
     }
-    assert len(src) == edge_count(L, H)
-    return out
 
 
 def synthetic_edges(
