@@ -73,7 +73,7 @@ def test_malicious_pickle_is_not_executed(tmp_path, model) -> None:
 
 def test_raw_pickle_file_with_payload_is_refused(tmp_path) -> None:
     victim = tmp_path / "victim.txt"
-    (tmp_path / "raw.pth").write_bytes(pickle.dumps({"w": _WritesAFile(victim)}))
+    (tmp_path / "raw.pth").write_bytes(pickle.dumps({"w": _WritesAFile(victim)}, protocol=2))
     with pytest.raises(CheckpointError, match="raw.pth"):
         load_checkpoint(_row(tmp_path / "raw.pth"))
     assert not victim.exists()

@@ -82,3 +82,14 @@ def test_config_errors_name_the_key() -> None:
         load_config(ZooConfig, TINY, ["grid.augment=[mixup]"])
     with pytest.raises(ConfigError, match="unknown demo task 'mnist'"):
         expand_grid(load_config(ZooConfig, TINY, ["grid.task=[mnist]"]))
+
+
+def test_style_task_zoo_trains_one_model_per_non_rho_configuration(tmp_path) -> None:
+    config = load_config(ZooConfig, TINY, [f"data_root={tmp_path / 'data'}",
+                                           "grid.task=[shapes-style]", "grid.rho=[0.5,0.9]",
+                                           "grid.epochs=[1]", "grid.depth=[1]", "intermediate=0"])
+    manifest = read_manifest(train_zoo(config, tmp_path / "zoo", executor="inline",
+                                       stream=io.StringIO()))
+    assert list(manifest["checkpoint_id"]) == ["shapes-style-lr0.002-e1-wd0.05-none-d1-s0"]
+    assert manifest.loc[0, "num_classes"] == 6 and manifest.loc[0, "ood_domain"] == "ood"
+    assert pd.isna(manifest.loc[0, "rho"])
