@@ -6,6 +6,7 @@ Output layout under `out_dir`:
                     `parent_id` (the final model's id) for training-dynamics studies
   failures.parquet  configurations that failed (FAILURE_SCHEMA), when any did
   zoo_run.json      wall time and counts (trained / reused / failed) of the latest run
+                    that trained anything
   weights/, records/  see circuitray.training
 Relative paths in the manifests (weights, data_root) are relative to `out_dir`.
 """
@@ -120,6 +121,8 @@ def train_zoo(config: ZooConfig, out_dir: str | os.PathLike, *, reuse: bool = Tr
     if not rows:
         raise RuntimeError(f"train_zoo: every configuration failed; see {out / 'failures.parquet'}")
     table = pd.DataFrame(rows)
+    # data_root relative to this folder as it is now (a zoo copied elsewhere still finds its data)
+    table["data_root"] = [os.path.relpath(dirs[t], out) for t in table["task"]]
     _write_csv_atomic(table, out / "checkpoints.csv")
     finals = table[table["final"]].reset_index(drop=True)
     _write_csv_atomic(finals, out / "manifest.csv")
@@ -127,7 +130,8 @@ def train_zoo(config: ZooConfig, out_dir: str | os.PathLike, *, reuse: bool = Tr
     run = {"wall_seconds": wall, "trained": len(todo) - len(failures), "failed": len(failures),
            "reused": len(specs) - len(todo), "executor": executor,
            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (out / "zoo_run.json").write_text(json.dumps(run, indent=1))
+    if todo or not (out / "zoo_run.json").exists():  # a pure reuse keeps the training run's
+        (out / "zoo_run.json").write_text(json.dumps(run, indent=1))
     print(f"[train_zoo] done in {wall:.0f}s: {len(finals)} models, "
           f"{len(table)} checkpoints, {len(failures)} failed\n{_summary(finals)}",
           file=stream, flush=True)
