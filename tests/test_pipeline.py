@@ -193,3 +193,13 @@ def test_safe_names_never_collide() -> None:
     assert safe_name("vit-s_lr3e-4.seed2") == "vit-s_lr3e-4.seed2"
     assert safe_name("a/b") != safe_name("a_b") and "/" not in safe_name("a/b")
     assert not safe_name("..").startswith(".")
+
+
+def test_gpu_share_on_a_local_ray_without_gpus_fails_instead_of_waiting(
+        tmp_path: Path, local_ray) -> None:
+    from circuitray.errors import ConfigError
+
+    manifest = write_checkpoints(tmp_path, 1)
+    cfg = _config(tmp_path, manifest, "resources.num_gpus=0.5")
+    with pytest.raises(ConfigError, match="resources.num_gpus"):
+        run_discover(cfg)

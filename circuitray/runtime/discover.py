@@ -279,6 +279,26 @@ def record_result(layout: JobLayout, result: Mapping[str, Any]) -> None:
         path.unlink(missing_ok=True)
 
 
+def _check_gpus(num_gpus: float, local: bool) -> None:
+    """A GPU share on a Ray without GPUs would wait forever: fail (local) or warn (cluster,
+    where an autoscaler may still add GPU nodes)."""
+    import ray
+
+    if num_gpus <= 0:
+        return
+    have = ray.cluster_resources().get("GPU", 0)
+    if have >= num_gpus:
+        return
+    msg = (f"config key 'resources.num_gpus': {num_gpus} GPU per task requested, the Ray "
+           f"cluster has {have:g}")
+    if local:
+        from circuitray.errors import ConfigError
+
+        raise ConfigError(msg + "; use resources.num_gpus=0 on a machine without a GPU")
+    print(f"[discover] WARNING {msg}; tasks wait until GPU nodes join", file=sys.stderr,
+          flush=True)
+
+
 def run_discover(cfg: JobConfig, rows: Iterable[Mapping[str, Any]] | None = None
                  ) -> DiscoverSummary:
     """Submit one Ray task per incomplete checkpoint and wait, with counts and ETA."""
@@ -302,6 +322,8 @@ def run_discover(cfg: JobConfig, rows: Iterable[Mapping[str, Any]] | None = None
     if todo:
         r = cfg.resources
         ensure_ray(r.address, r.local_num_cpus)
+        _check_gpus(r.num_gpus, local=r.address in (None, "local")
+                    and not os.environ.get("RAY_ADDRESS"))
         task = ray.remote(num_cpus=r.num_cpus, num_gpus=r.num_gpus,
                           max_retries=r.max_retries)(discover_checkpoint)
         cfg_ref = ray.put(cfg)
