@@ -82,11 +82,11 @@ def _warm(workers: int) -> None:
 
 
 def bench_discover(n_ckpt: int, repeats: int, root: Path) -> dict:
-    """1 vs 2 workers inside ONE local Ray of 2 CPUs, interleaved repeat by repeat.
+    """1 vs 2 workers: a fresh local Ray of 1 or 2 CPUs per measurement, warmed first,
+    the two settings interleaved repeat by repeat (both see the same background load).
 
-    One worker = tasks that each ask for both CPUs (so they run one at a time, still with
-    one torch thread); two workers = tasks asking for one CPU. Interleaving puts both
-    settings under the same background load, which on a shared machine moves a lot.
+    Separate Rays, not one Ray with 2-CPU tasks standing in for "1 worker": a worker that
+    once ran a 2-CPU task stayed ~1.3x slower for later 1-CPU tasks here (measured).
     """
     import ray
     from _jobdata import write_checkpoints
@@ -95,18 +95,19 @@ def bench_discover(n_ckpt: int, repeats: int, root: Path) -> dict:
                                  n_per_class=64)
     times: dict[int, list[float]] = {1: [], 2: []}
     loads: dict[int, list[float]] = {1: [], 2: []}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        _warm(2)
-        for i in range(repeats):
-            for workers in (1, 2):
-                t = _discover_once(manifest, root / f"out-{workers}-{i}", 2 if workers == 1 else 1)
-                times[workers].append(t)
-                loads[workers].append(os.getloadavg()[0])
-                print(f"repeat {i}: {workers} worker(s) {t:.1f} s (load {loads[workers][-1]:.1f})",
-                      flush=True)
-    finally:
-        ray.shutdown()
+    for i in range(repeats):
+        for workers in (1, 2):
+            ray.init(address="local", num_cpus=workers, include_dashboard=False,
+                     log_to_driver=False)
+            try:
+                _warm(workers)
+                t = _discover_once(manifest, root / f"out-{workers}-{i}", 1)
+            finally:
+                ray.shutdown()
+            times[workers].append(t)
+            loads[workers].append(os.getloadavg()[0])
+            print(f"repeat {i}: {workers} worker(s) {t:.1f} s (load {loads[workers][-1]:.1f})",
+                  flush=True)
     results = {}
     for workers in (1, 2):
         med = statistics.median(times[workers])
