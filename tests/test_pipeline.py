@@ -203,3 +203,22 @@ def test_gpu_share_on_a_local_ray_without_gpus_fails_instead_of_waiting(
     cfg = _config(tmp_path, manifest, "resources.num_gpus=0.5")
     with pytest.raises(ConfigError, match="resources.num_gpus"):
         run_discover(cfg)
+
+
+def test_transient_write_error_is_retried_inside_the_task(tmp_path: Path, monkeypatch) -> None:
+    from circuitray.runtime import discover
+
+    manifest = write_checkpoints(tmp_path, 1)
+    cfg = _config(tmp_path, manifest, "data.shift_kinds=[]", "data.proxy_kinds=[]")
+    real, calls = discover.write_parquet_atomic, []
+
+    def flaky(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 1:
+            raise OSError("stale NFS file handle")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(discover, "write_parquet_atomic", flaky)
+    result = discover.discover_checkpoint(manifest_rows(cfg)[0], cfg)
+    assert result["status"] == "done"
+    assert calls[0] == calls[1]  # the same file, written again after the error

@@ -157,6 +157,21 @@ def _loaders(spec: DomainSpec, root: str, transform: Any, cfg: JobConfig) -> tup
     return out, att
 
 
+def _retry_io(fn: Any, attempts: int = 3, wait_s: float = 0.5) -> Any:
+    """Retry an OSError (a shared filesystem's hiccup) with backoff; the last one propagates.
+
+    Ray's `max_retries` covers dead workers and nodes; errors inside the task are ours.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(wait_s * 2**attempt)
+    return None
+
+
 def _run_domain(model: Any, spec: DomainSpec, row: Mapping[str, Any], root: str, transform: Any,
                 cfg: JobConfig, layout: JobLayout, device: str) -> dict[str, Any]:
     """Write one domain's edges and outputs (atomically); return its DOMAIN_SCHEMA row."""
@@ -192,8 +207,8 @@ def _run_domain(model: Any, spec: DomainSpec, row: Mapping[str, Any], root: str,
     except Exception as exc:
         raise _StageError("attribute", exc) from exc
     try:
-        write_parquet_atomic(edges, e_path, EDGE_SCHEMA)
-        write_parquet_atomic(outputs, o_path, OUTPUT_SCHEMA)
+        _retry_io(lambda: write_parquet_atomic(edges, e_path, EDGE_SCHEMA))
+        _retry_io(lambda: write_parquet_atomic(outputs, o_path, OUTPUT_SCHEMA))
     except Exception as exc:
         raise _StageError("write", exc) from exc
     return {**info, "n_examples": outputs.num_rows, "n_attributed": int(scores.n_examples),
