@@ -76,7 +76,7 @@ def _score_only(model, x, steps: int) -> float:
 
     model.requires_grad_(False)
     runner = _Runner(ViTAdapter(model), torch.device("cpu"), "fp32")
-    abl, _ = _mean_ablation(runner, [x], "mean-positional")
+    abl, _, _ = _mean_ablation(runner, [x], "mean-positional")
     t = time.perf_counter()
     score_batch(runner, x, abl, alphas=[k / steps for k in range(steps)], metric="kl")
     return time.perf_counter() - t

@@ -155,16 +155,39 @@ class _Runner:
         return images.to(self.device, dtype=self.param_dtype)
 
     @torch.no_grad()
-    def sources(self, images: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Node values [n_src, N, T, D] (work dtype) and logits of a plain run."""
+    def sources(self, images: torch.Tensor, where: str, cached: CleanRun | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Node values [n_src, N, T, D] (work dtype) and logits of a plain run.
+
+        `cached` is the same run recorded earlier (by the mean pass), which saves a forward.
+        """
         ad = self.adapter
-        with ad.instrument() as rec, self.autocast():
-            logits = ad.model(images)
-        a = ad.expand_sources(rec.input.to(self.work), [z.to(self.work) for z in rec.z],
-                              [m.to(self.work) for m in rec.mlp])
+        if cached is None:
+            with ad.instrument() as rec, self.autocast():
+                logits = ad.model(images)
+            cached = CleanRun(images, rec.input, list(rec.z), list(rec.mlp), logits)
+        a = ad.expand_sources(cached.input.to(self.work), [z.to(self.work) for z in cached.z],
+                              [m.to(self.work) for m in cached.mlp])
+        logits = cached.logits
         logits = logits.to(self.work)
         ad.check_finite(a, logits, where)
         return a, logits
+
+
+@dataclass
+class CleanRun:
+    """What one plain forward recorded: the images, the raw node parts and the logits."""
+
+    images: torch.Tensor
+    input: torch.Tensor
+    z: list[torch.Tensor]
+    mlp: list[torch.Tensor]
+    logits: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        parts = [self.images, self.input, *self.z, *self.mlp, self.logits]
+        return sum(t.numel() * t.element_size() for t in parts)
 
 
 def _ln_stats(norm: nn.LayerNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,17 +227,19 @@ def _head_read_grads(norm: nn.LayerNorm, w_qkv: torch.Tensor, x: torch.Tensor,
 
 def score_batch(runner: _Runner, images: torch.Tensor, ablated: torch.Tensor, *,
                 alphas: Sequence[float], metric: str, labels: torch.Tensor | None = None,
-                per_example: bool = False, where: str = "batch"
+                per_example: bool = False, where: str = "batch",
+                clean_run: CleanRun | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scores of one batch, SUMMED over its examples and AVERAGED over the IG points `alphas`.
 
     `ablated` is ã [n_src, N|1, T|1, D]. Returns float64 [n_src, n_dst] and, when
     `per_example`, float64 [N, n_src, n_dst]. The run of point α has the `input` node
-    e' + α(e − e'); α = 0 is the fully ablated input (EAP's point).
+    e' + α(e − e'); α = 0 is the fully ablated input (EAP's point). `clean_run`, when given,
+    is this batch's plain run recorded before, so it is not computed again.
     """
     ad, g = runner.adapter, runner.adapter.graph
     H, D = ad.n_heads, ad.dim
-    clean, clean_logits = runner.sources(images, where)
+    clean, clean_logits = runner.sources(images, where, clean_run)
     N, T = clean.shape[1], clean.shape[2]
     ablated = ablated.to(runner.work).expand(g.n_src, N, T, D)
     e_abl, e_clean = ablated[0], clean[0].clone()
@@ -258,9 +283,16 @@ def score_batch(runner: _Runner, images: torch.Tensor, ablated: torch.Tensor, *,
     return total, per
 
 
-def _mean_ablation(runner: _Runner, batches: Iterable, kind: str) -> tuple[torch.Tensor, int]:
-    """First pass: per-position (or overall) mean of every node over the WHOLE dataset."""
+def _mean_ablation(runner: _Runner, batches: Iterable, kind: str, cache_bytes: int = 0
+                   ) -> tuple[torch.Tensor, int, dict[int, CleanRun]]:
+    """First pass: per-position (or overall) mean of every node over the WHOLE dataset.
+
+    The plain runs of the first batches, up to `cache_bytes`, are kept: the scoring pass
+    reuses them instead of running the same forward again (one forward per batch saved).
+    """
     ad, sums, n = runner.adapter, None, 0
+    cache: dict[int, CleanRun] = {}
+    cached_bytes = 0
     for i, item in enumerate(batches):
         images, _ = split_batch(item, f"batch {i}")
         images = runner.images(images, f"batch {i}")
@@ -271,6 +303,10 @@ def _mean_ablation(runner: _Runner, batches: Iterable, kind: str) -> tuple[torch
         if not torch.isfinite(logits).all():
             a = ad.expand_sources(rec.input, rec.z, rec.mlp)
             ad.check_finite(a.to(runner.work), logits, f"batch {i}")
+        run = CleanRun(images, rec.input, list(rec.z), list(rec.mlp), logits)
+        if cached_bytes + run.nbytes <= cache_bytes:
+            cache[i] = run
+            cached_bytes += run.nbytes
         sums = parts if sums is None else [s + t for s, t in zip(sums, parts, strict=True)]
         n += images.shape[0]
     if sums is None:
@@ -280,7 +316,7 @@ def _mean_ablation(runner: _Runner, batches: Iterable, kind: str) -> tuple[torch
     abl = ad.expand_sources(means[0], means[1:1 + L], means[1 + L:])  # [n_src, T, D]
     if kind == "mean":
         abl = abl.mean(1, keepdim=True)
-    return abl.unsqueeze(1), n  # [n_src, 1, T|1, D]
+    return abl.unsqueeze(1), n, cache  # ã: [n_src, 1, T|1, D]
 
 
 @contextmanager
@@ -331,14 +367,17 @@ def attribute(model: nn.Module, batches: Iterable, *, method: str = "eap-ig-inpu
               ablation: str = "mean-positional", metric: str = "kl", steps: int = 5,
               device: str | torch.device | None = None, dtype: str = "fp32",
               corrupted_batches: Iterable | None = None, per_example_norms: bool = False,
-              progress: Callable[[int, int | None], None] | None = None) -> EdgeScores:
+              progress: Callable[[int, int | None], None] | None = None,
+              cache_bytes: int = 256 * 2**20) -> EdgeScores:
     """Score every edge of `model`'s graph on a dataset streamed as `batches` (DESIGN §2).
 
     `batches` is re-iterable (it is read twice for mean ablations); its items are images
     [B, 3, H, W] or (images, labels, ...). The model is moved to `device` (default: CUDA if
     available), put in eval mode with frozen parameters, and restored afterwards (mode and
     requires_grad; not the device). `dtype="fp32"` runs in the model's own precision,
-    "bf16" under autocast with fp32 accumulation.
+    "bf16" under autocast with fp32 accumulation. Mean ablations keep up to `cache_bytes`
+    of the first pass's plain runs and reuse them for batches whose images are unchanged on
+    the second pass (a shuffling loader simply gets no reuse); 0 turns this off.
     """
     for key, val, allowed in (("method", method, METHODS), ("ablation", ablation, ABLATIONS),
                               ("metric", metric, METRICS), ("dtype", dtype, DTYPES)):
@@ -357,9 +396,9 @@ def attribute(model: nn.Module, batches: Iterable, *, method: str = "eap-ig-inpu
     try:
         runner = _Runner(adapter, dev, dtype)
         g = adapter.graph
-        total_n = None
+        total_n, cache = None, {}
         if ablation in ("mean-positional", "mean"):
-            abl_all, total_n = _mean_ablation(runner, batches, ablation)
+            abl_all, total_n, cache = _mean_ablation(runner, batches, ablation, cache_bytes)
         zero = torch.zeros(g.n_src, 1, 1, adapter.dim, dtype=runner.work, device=dev)
         corrupted = iter(corrupted_batches) if corrupted_batches is not None else None
         total = torch.zeros(g.n_src, g.n_dst, dtype=torch.float64, device=dev)
@@ -382,8 +421,13 @@ def attribute(model: nn.Module, batches: Iterable, *, method: str = "eap-ig-inpu
                 abl, _ = runner.sources(c_images, f"corrupted {where}")
             else:
                 abl = zero if ablation == "zero" else abl_all
+            run = cache.pop(i, None)
+            if run is not None and not (run.images.shape == images.shape
+                                        and torch.equal(run.images, images)):
+                run = None  # the loader gave other images this time: run them afresh
             part, per = score_batch(runner, images, abl, alphas=alphas, metric=metric,
-                                    labels=labels, per_example=per_example_norms, where=where)
+                                    labels=labels, per_example=per_example_norms, where=where,
+                                    clean_run=run)
             total += part
             if per is not None:
                 norms.append((per * edge_mask).flatten(1).norm(dim=1).cpu().numpy())

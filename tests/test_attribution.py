@@ -62,7 +62,7 @@ def test_score_equals_finite_difference_per_edge_at_every_ig_step(variant, metri
     g = adapter.graph
     runner = _Runner(adapter, torch.device("cpu"), "fp32")
     # ã from a different reference set, so the α=0 run differs per example (non-degenerate)
-    ablated, _ = _mean_ablation(runner, [images(seed=1)], "mean-positional")
+    ablated, _, _ = _mean_ablation(runner, [images(seed=1)], "mean-positional")
     clean, clean_logits = runner.sources(x, "x")
     ablated = ablated.expand_as(clean)
     delta = ablated - clean
@@ -249,3 +249,47 @@ def test_dataloader_of_labeled_tuples_equals_a_list_of_tensors():
     b = attribute(model, [x], steps=2)
     assert a.n_examples == 8
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-9, atol=1e-15)
+
+
+class _ReshufflingBatches:
+    """Re-iterable whose second pass yields the same examples in other batches, as a
+    shuffling DataLoader does: a cached plain run must not be reused for other images."""
+
+    def __init__(self, x: torch.Tensor, size: int):
+        self.x, self.size, self.passes = x, size, 0
+
+    def __iter__(self):
+        order = torch.arange(len(self.x)) if self.passes == 0 else torch.randperm(
+            len(self.x), generator=torch.Generator().manual_seed(self.passes))
+        self.passes += 1
+        return iter([self.x[order[i:i + self.size]] for i in range(0, len(self.x), self.size)])
+
+
+@pytest.mark.parametrize("method", ["eap", "eap-ig-inputs"])
+def test_reusing_the_mean_pass_runs_changes_no_score(method):
+    """The clean runs kept from the mean pass give the same scores as recomputing them."""
+    model, x = tiny_vit(), images(n=8)
+    batches = [x[:3], x[3:6], x[6:]]
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+
+    def forwards(**kw) -> tuple[np.ndarray, int]:
+        calls.clear()
+        scores = attribute(model, batches, method=method, steps=3, **kw).scores
+        return scores, len(calls)
+
+    kept, n_kept = forwards()
+    recomputed, n_recomputed = forwards(cache_bytes=0)
+    none_fit, n_none_fit = forwards(cache_bytes=1)
+    steps = 1 if method == "eap" else 3
+    assert n_kept == 3 * (1 + steps)  # mean pass + IG steps; the clean run is reused
+    assert n_recomputed == n_none_fit == 3 * (2 + steps)
+    np.testing.assert_array_equal(kept, recomputed)
+    np.testing.assert_array_equal(none_fit, recomputed)
+
+
+def test_a_loader_that_reshuffles_gets_fresh_clean_runs():
+    model, x = tiny_vit(), images(n=8)
+    reshuffled = attribute(model, _ReshufflingBatches(x, 3), steps=3).scores
+    reference = attribute(model, _ReshufflingBatches(x, 3), steps=3, cache_bytes=0).scores
+    np.testing.assert_allclose(reshuffled, reference, rtol=1e-10, atol=1e-12)
