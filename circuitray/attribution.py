@@ -239,7 +239,11 @@ def score_batch(runner: _Runner, images: torch.Tensor, ablated: torch.Tensor, *,
     """
     ad, g = runner.adapter, runner.adapter.graph
     H, D = ad.n_heads, ad.dim
+    if clean_run is not None and not (clean_run.images.shape == images.shape
+                                      and torch.equal(clean_run.images, images)):
+        clean_run = None  # the loader gave other images this time: run them afresh
     clean, clean_logits = runner.sources(images, where, clean_run)
+    del clean_run  # its raw parts are in `clean` now; keep one copy at the peak
     N, T = clean.shape[1], clean.shape[2]
     ablated = ablated.to(runner.work).expand(g.n_src, N, T, D)
     e_abl, e_clean = ablated[0], clean[0].clone()
@@ -421,13 +425,9 @@ def attribute(model: nn.Module, batches: Iterable, *, method: str = "eap-ig-inpu
                 abl, _ = runner.sources(c_images, f"corrupted {where}")
             else:
                 abl = zero if ablation == "zero" else abl_all
-            run = cache.pop(i, None)
-            if run is not None and not (run.images.shape == images.shape
-                                        and torch.equal(run.images, images)):
-                run = None  # the loader gave other images this time: run them afresh
             part, per = score_batch(runner, images, abl, alphas=alphas, metric=metric,
                                     labels=labels, per_example=per_example_norms, where=where,
-                                    clean_run=run)
+                                    clean_run=cache.pop(i, None))
             total += part
             if per is not None:
                 norms.append((per * edge_mask).flatten(1).norm(dim=1).cpu().numpy())
