@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from _mimalloc import reexec_with_mimalloc  # bench/ is sys.path[0] when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
     "small": dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4,
@@ -31,11 +33,6 @@ SHAPES = {
                     num_classes=1000, batch=4),
 }
 VARIANTS = ("plain", "eap", "eap-ig5")
-
-
-def _mimalloc() -> str | None:
-    libs = sorted((ROOT / ".venv").rglob("libmimalloc.so*"))
-    return str(libs[0]) if libs else None
 
 
 def _build(shape: str):
@@ -155,10 +152,7 @@ def main() -> None:
     ap.add_argument("--child", nargs=2, metavar=("SHAPE", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ["BENCH_THREADS"] = str(args.threads)
-    lib = _mimalloc()
-    if not args.no_mimalloc and lib and lib not in os.environ.get("LD_PRELOAD", ""):
-        os.environ["LD_PRELOAD"] = lib
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+    reexec_with_mimalloc(disabled=args.no_mimalloc)
     if args.child:
         _memory_child(*args.child)
         return

@@ -14,7 +14,6 @@ and every Ray worker unless --no-mimalloc. Medians are reported; JSON -> bench/r
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import platform
@@ -25,24 +24,13 @@ import sys
 import time
 from pathlib import Path
 
+from _mimalloc import reexec_with_mimalloc  # bench/ is sys.path[0] when run as a script
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 DEMO_ARCH = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 8, "num_heads": 4}
-
-
-def _mimalloc() -> str | None:
-    libs = sorted(glob.glob(str(REPO / ".venv" / "**" / "libmimalloc*.so*"), recursive=True))
-    return libs[0] if libs else None
-
-
-def _reexec_with_mimalloc(args: argparse.Namespace) -> None:
-    lib = _mimalloc()
-    if args.no_mimalloc or lib is None or "mimalloc" in os.environ.get("LD_PRELOAD", ""):
-        return
-    env = {**os.environ, "LD_PRELOAD": lib}
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def _discover_once(manifest: Path, out: Path, task_cpus: int) -> float:
@@ -157,7 +145,7 @@ def main() -> int:
     parser.add_argument("--no-mimalloc", action="store_true")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "pipeline.json"))
     args = parser.parse_args()
-    _reexec_with_mimalloc(args)
+    reexec_with_mimalloc(disabled=args.no_mimalloc)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     root = REPO / "runs" / "bench-pipeline"
     root.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ is inside the peak-memory figure. Results: bench/results/reduce.json (medians of
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import platform
@@ -25,6 +24,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _mimalloc import find_mimalloc  # bench/ is sys.path[0] when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,9 +120,9 @@ def main() -> None:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(args.threads)
-    libs = sorted(glob.glob(str(ROOT / ".venv/**/libmimalloc*.so*"), recursive=True))
-    if libs:
-        env["LD_PRELOAD"] = libs[0]
+    lib = find_mimalloc()
+    if lib:
+        env["LD_PRELOAD"] = lib
     env["PYTHONPATH"] = str(ROOT)
     results = []
     for size in [int(s) for s in args.sizes.split(",")]:
@@ -144,7 +145,7 @@ def main() -> None:
         "what": "circuit metrics + evaluation on synthetic ViT-B/16 edge tables",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "threads": args.threads},
-        "allocator": f"mimalloc via LD_PRELOAD={libs[0]}" if libs else "system malloc",
+        "allocator": f"mimalloc via LD_PRELOAD={lib}" if lib else "system malloc",
         "n_boot": args.n_boot,
         "results": results,
     }

@@ -16,30 +16,20 @@ Results: bench/results/zoo.json.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from _mimalloc import reexec_with_mimalloc  # bench/ is sys.path[0] when run as a script
 
 if TYPE_CHECKING:
     import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _preload_mimalloc() -> None:
-    if os.environ.get("LD_PRELOAD") or os.environ.get("CIRCUITRAY_NO_MIMALLOC"):
-        return
-    libs = sorted(glob.glob(str(ROOT / ".venv" / "lib" / "python*" / "site-packages" /
-                                "cmeel.prefix" / "lib" / "libmimalloc.so*")))
-    if libs:
-        os.environ["LD_PRELOAD"] = libs[0]
-        os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -84,7 +74,7 @@ def time_corruptions(n: int, repeats: int) -> dict[str, float]:
 
 
 def main() -> None:
-    _preload_mimalloc()
+    reexec_with_mimalloc(disabled=bool(os.environ.get("CIRCUITRAY_NO_MIMALLOC")))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
