@@ -324,7 +324,7 @@ def _mean_ablation(runner: _Runner, batches: Iterable, kind: str, cache_bytes: i
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode (no dropout) for reading node values; restores the caller's mode after."""
     was_training = model.training
     model.eval()
@@ -355,7 +355,7 @@ def compute_ablation(model: nn.Module, batches: Iterable, ablation: str = "mean-
     if ablation not in ("mean-positional", "mean"):
         raise ConfigError(f"ablation: {ablation!r} has no dataset-level value; "
                           f"choose 'mean-positional', 'mean' or 'zero'")
-    with _eval_mode(model.to(runner.device)):
+    with eval_mode(model.to(runner.device)):
         return _mean_ablation(runner, batches, ablation)[0]
 
 
@@ -363,7 +363,7 @@ def node_values(model: nn.Module, images: torch.Tensor,
                 *, device: str | torch.device | None = None) -> torch.Tensor:
     """Every source node's value on `images`: [n_src, N, T, D] (the 'corrupted' ablation)."""
     runner = _Runner(ViTAdapter(model), _device(device), "fp32")
-    with _eval_mode(model.to(runner.device)):
+    with eval_mode(model.to(runner.device)):
         return runner.sources(runner.images(images, "images"), "images")[0]
 
 

@@ -15,9 +15,9 @@ from torch import nn
 from circuitray.attribution import (
     EdgeScores,
     _device,
-    _eval_mode,
     _labels_for,
     compute_ablation,
+    eval_mode,
     metric_per_example,
     node_values,
     split_batch,
@@ -115,7 +115,7 @@ def run_with_circuit(model: nn.Module, images: torch.Tensor, mask: np.ndarray, *
         abl = compute_ablation(model, reference if reference is not None else [images],
                                ablation, device=dev)
     m = torch.as_tensor(np.asarray(mask, dtype=bool) & adapter.graph.edge_mask(), device=dev)
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         return adapter.graph_forward(images, mask=m, ablated=abl.to(dev))
 
 
@@ -156,7 +156,7 @@ def faithfulness(model: nn.Module, batches: Iterable, edge_scores: EdgeScores, *
                                                                 device=dev)
     corrupted = iter(corrupted_batches) if corrupted_batches is not None else None
     sums, n = np.zeros(len(sizes) + 2), 0
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         for i, item in enumerate(batches):
             images, labels = split_batch(item, f"batch {i}")
             adapter.check_images(images, f"batch {i}")

@@ -15,18 +15,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from circuitray.attribution import eval_mode, split_batch
 from circuitray.errors import InputError
 from circuitray.tables import OUTPUT_SCHEMA
-
-
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        labels = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
-        return batch[0], labels
-    raise InputError(f"a batch must be an image tensor or (images, labels, ...), got "
-                     f"{type(batch).__name__}")
 
 
 def softmax_stats(logits: np.ndarray) -> dict[str, np.ndarray]:
@@ -54,12 +45,11 @@ def model_outputs(model: torch.nn.Module, batches: Iterable[Any], *, task: str,
     stores empty feature lists, for zoos where RankMe/MMD are not wanted and features
     would dominate the table's size.
     """
-    was_training = model.training
-    model.eval()
     logits_all, feats_all, labels_all = [], [], []
-    try:
-        for batch in batches:
-            images, labels = _split_batch(batch)
+    with eval_mode(model):
+        for i, batch in enumerate(batches):
+            images, labels = split_batch(batch, f"checkpoint '{checkpoint}', domain "
+                                                f"'{domain}', batch {i}")
             images = images.to(device)
             pooled = model.forward_head(model.forward_features(images), pre_logits=True)
             logits = model.get_classifier()(pooled)
@@ -72,8 +62,6 @@ def model_outputs(model: torch.nn.Module, batches: Iterable[Any], *, task: str,
             n = len(images)
             labels_all.append(np.full(n, -1, np.int64) if labels is None
                               else labels.reshape(-1).cpu().numpy().astype(np.int64))
-    finally:
-        model.train(was_training)
     if not logits_all:
         raise InputError(f"checkpoint '{checkpoint}', domain '{domain}': no examples")
     logits = np.concatenate(logits_all)

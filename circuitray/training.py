@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from circuitray.attribution import eval_mode
 from circuitray.data.datasets import DomainFolderDataset, eval_transform, load_all
 from circuitray.data.demo import DIGIT_TASKS, task_splits
 from circuitray.models import build_model
@@ -111,12 +112,11 @@ def _shift(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.T
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
              batch_size: int = 500) -> float:
     """Top-1 accuracy of `model` (in eval mode) on in-memory tensors."""
-    was_training = model.training
-    model.eval()
     correct = 0
-    for i in range(0, len(images), batch_size):
-        correct += (model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum()
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(images), batch_size):
+            correct += (model(images[i:i + batch_size]).argmax(1)
+                        == labels[i:i + batch_size]).sum()
     return float(correct) / max(len(images), 1)
 
 
