@@ -111,3 +111,12 @@ def read_parquet(path: str | os.PathLike, schema: pa.Schema | None = None) -> pa
     else:
         table = pq.read_table(path)
     return conform(table, schema, str(path)) if schema is not None else table
+
+
+def read_parquet_or_empty(path: str | os.PathLike, schema: pa.Schema) -> pa.Table:
+    """`read_parquet` of a directory that may not exist yet: an empty `schema` table then."""
+    path = Path(path)
+    if not path.is_dir() or not any(p for p in path.rglob("*.parquet")
+                                    if not p.name.startswith(".")):
+        return schema.empty_table()
+    return read_parquet(path, schema)

@@ -28,7 +28,13 @@ import pyarrow.parquet as pq
 
 from circuitray.job_config import JobConfig
 from circuitray.runtime.layout import DOMAIN_SCHEMA, JobLayout
-from circuitray.tables import EDGE_SCHEMA, FAILURE_SCHEMA, OUTPUT_SCHEMA, write_parquet_atomic
+from circuitray.tables import (
+    EDGE_SCHEMA,
+    FAILURE_SCHEMA,
+    OUTPUT_SCHEMA,
+    read_parquet_or_empty,
+    write_parquet_atomic,
+)
 
 
 @dataclass(frozen=True)
@@ -357,15 +363,9 @@ def run_discover(cfg: JobConfig, rows: Iterable[Mapping[str, Any]] | None = None
 
 def read_domains(layout: JobLayout) -> pd.DataFrame:
     """All completion markers as one DOMAIN_SCHEMA frame (empty if none)."""
-    files = sorted(layout.checkpoints.glob("*.parquet")) if layout.checkpoints.exists() else []
-    if not files:
-        return DOMAIN_SCHEMA.empty_table().to_pandas()
-    return pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
+    return read_parquet_or_empty(layout.checkpoints, DOMAIN_SCHEMA).to_pandas()
 
 
 def read_failures(layout: JobLayout) -> pd.DataFrame:
     """The failures table (empty with FAILURE_SCHEMA columns if none)."""
-    files = sorted(layout.failures.glob("*.parquet")) if layout.failures.exists() else []
-    if not files:
-        return FAILURE_SCHEMA.empty_table().to_pandas()
-    return pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
+    return read_parquet_or_empty(layout.failures, FAILURE_SCHEMA).to_pandas()
