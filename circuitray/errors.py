@@ -48,3 +48,7 @@ class TableError(CircuitrayError):
 
 class MetricError(CircuitrayError):
     """A metric cannot be computed from what it was given (names why)."""
+
+
+class StaleResultError(CircuitrayError):
+    """Stored results do not match the current config or are damaged (names them)."""

@@ -15,15 +15,16 @@ from _jobdata import write_checkpoints
 from mlflow.tracking import MlflowClient
 
 from circuitray.job_config import JobConfig, load_job_config
-from circuitray.runtime.discover import (
-    domain_specs,
-    manifest_rows,
-    read_domains,
-    read_failures,
-    run_discover,
-)
+from circuitray.runtime.discover import run_discover
 from circuitray.runtime.layout import JobLayout
 from circuitray.runtime.pipeline import format_report, run_pipeline
+from circuitray.runtime.plan import (
+    domain_specs,
+    domains_frame,
+    manifest_rows,
+    plan_job,
+    read_failures,
+)
 from circuitray.tables import read_parquet
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "tiny.yaml"
@@ -93,7 +94,7 @@ def test_corrupt_checkpoint_lands_in_failures_and_rerun_recomputes_nothing(
         "checkpoint": "truncated", "stage": "load", "error_type": "CheckpointError", "error": ""}
     assert "truncated.safetensors" in failures.error[0]
     _assert_each_output_once(cfg, ["ckpt0", "ckpt1"])
-    domains = read_domains(JobLayout.of(cfg.output_dir))
+    domains = domains_frame(plan_job(cfg))
     assert set(domains.role) == {"id", "ood", "shift", "proxy"}
 
     before = _files(Path(cfg.output_dir))
@@ -182,7 +183,7 @@ def test_unreadable_domain_is_a_failure_row_naming_the_path(tmp_path: Path) -> N
     layout = JobLayout.of(cfg.output_dir)
     record_result(layout, result)
     assert read_failures(layout).checkpoint.tolist() == ["ckpt0"]
-    assert not layout.is_complete("ckpt0") and not layout.running_file("ckpt0").exists()
+    assert not layout.marker("ckpt0").exists() and not layout.running_file("ckpt0").exists()
     record_result(layout, {"checkpoint": "ckpt0", "status": "done"})  # a later success
     assert read_failures(layout).empty
 

@@ -117,8 +117,8 @@ def test_ray_job_submit_on_loopback_cluster_writes_tables_and_mlflow_runs(tmp_pa
 
     from mlflow.tracking import MlflowClient
 
-    from circuitray.runtime.discover import read_failures
     from circuitray.runtime.layout import JobLayout
+    from circuitray.runtime.plan import read_failures
     from circuitray.tables import EDGE_SCHEMA, OUTPUT_SCHEMA, read_parquet
 
     layout = JobLayout.of(out)

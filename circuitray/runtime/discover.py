@@ -1,10 +1,12 @@
 """Discover (the map stage): one Ray task per checkpoint, all of its domains, Parquet out.
 
-Each task loads its model once, then for every domain (ID, OOD, post-deployment corruptions
-of the ID split, alarm proxies) writes the circuit (edges) and the per-example outputs, each
-atomically, then a completion marker. A re-run skips checkpoints with a marker and, inside a
-retried checkpoint, domains whose two files exist, so a worker killed mid-run costs only the
-domain it was on and no file is ever written twice. Errors of a checkpoint (bad weights,
+The driver plans first (circuitray.runtime.plan): which domains of which checkpoints are
+complete for the current config, and why the others must run. Each task then loads its model
+once and, for every domain still to do (ID, OOD, post-deployment corruptions of the ID split,
+alarm proxies), writes the circuit (edges) and the per-example outputs, each atomically and
+stamped with the domain's fingerprint, then rewrites the checkpoint's marker (fingerprints,
+row counts, sizes, checksums). A retried task resumes the domains its killed attempt wrote
+for the same fingerprint, so a dead worker costs only the domain it was on. Errors of a checkpoint (bad weights,
 unreadable data) are caught in the task and come back as a failure row: one bad checkpoint
 never stops the job. Ray's `max_retries` covers what cannot be caught: a dead worker or node.
 """
@@ -12,7 +14,6 @@ never stops the job. Ray's `max_retries` covers what cannot be caught: a dead wo
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import sys
@@ -20,32 +21,34 @@ import time
 import traceback
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from circuitray.errors import DataError
 from circuitray.job_config import JobConfig
+from circuitray.runtime.files import FINGERPRINT_KEY, FileRecord
 from circuitray.runtime.layout import DOMAIN_SCHEMA, JobLayout
+from circuitray.runtime.plan import (
+    CheckpointPlan,
+    DomainPlan,
+    DomainSpec,
+    data_root,
+    domain_inputs,
+    fingerprint,
+    plan_checkpoint,
+    plan_job,
+    weights_hash,
+    weights_stat,
+)
 from circuitray.tables import (
     EDGE_SCHEMA,
     FAILURE_SCHEMA,
     OUTPUT_SCHEMA,
-    read_parquet_or_empty,
     write_parquet_atomic,
 )
-
-
-@dataclass(frozen=True)
-class DomainSpec:
-    """One domain a checkpoint is run on, and where its images come from."""
-
-    name: str
-    role: str  # id | ood | shift | proxy
-    source: str
-    kind: str | None = None
-    severity: int | None = None
 
 
 @dataclass
@@ -55,11 +58,13 @@ class DiscoverSummary:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    computed: int = 0  # domains computed (not kept, not resumed)
     seconds: float = 0.0
 
     def __str__(self) -> str:
-        return (f"discover: {len(self.done)} computed, {len(self.skipped)} already complete, "
-                f"{len(self.failed)} failed in {self.seconds:.1f}s")
+        return (f"discover: {len(self.done)} checkpoints run ({self.computed} domains "
+                f"computed), {len(self.skipped)} already complete, {len(self.failed)} failed "
+                f"in {self.seconds:.1f}s")
 
 
 class _StageError(Exception):
@@ -68,71 +73,6 @@ class _StageError(Exception):
     def __init__(self, stage: str, error: BaseException):
         super().__init__(str(error))
         self.stage, self.error = stage, error
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value.item() if hasattr(value, "item") else value
-
-
-def manifest_rows(cfg: JobConfig) -> list[dict[str, Any]]:
-    """The manifest's checkpoints this job covers, as plain dicts (NaN -> None)."""
-    from circuitray.models import read_manifest
-
-    df = read_manifest(cfg.manifest)
-    if cfg.checkpoints is not None:
-        unknown = sorted(set(cfg.checkpoints) - set(df["checkpoint_id"]))
-        if unknown:
-            from circuitray.errors import ConfigError
-
-            raise ConfigError(f"config key 'checkpoints': {unknown} not in {cfg.manifest}")
-        df = df[df["checkpoint_id"].isin(cfg.checkpoints)]
-    rows = [{k: _clean(v) for k, v in r.items()} for r in df.to_dict(orient="records")]
-    if not cfg.intermediate:
-        rows = [r for r in rows if is_final(r)]
-    return rows
-
-
-def is_final(row: Mapping[str, Any]) -> bool:
-    """Rows without a `final` column are final; intermediate ones say final = false."""
-    value = row.get("final")
-    if value is None:
-        return True
-    if isinstance(value, str):
-        return value.strip().lower() not in ("false", "0", "no")
-    return bool(value)
-
-
-def domain_specs(row: Mapping[str, Any], cfg: JobConfig) -> list[DomainSpec]:
-    """ID first (the reference circuit for CSS), then OOD, shifts and proxies (final only)."""
-    from circuitray.errors import DataError
-
-    d = cfg.data
-    id_domain = d.id_domain or row.get("id_domain")
-    if not id_domain:
-        raise DataError(cfg.manifest, f"checkpoint '{row['checkpoint_id']}' has no id_domain "
-                                      "(manifest column or data.id_domain)")
-    specs = [DomainSpec(str(id_domain), "id", str(id_domain))]
-    oods = list(d.ood_domains) or ([row["ood_domain"]] if row.get("ood_domain") else [])
-    specs += [DomainSpec(str(o), "ood", str(o)) for o in oods]
-    if not is_final(row):
-        return specs
-    for role, kinds, sevs in (("shift", d.shift_kinds, d.shift_severities),
-                              ("proxy", d.proxy_kinds, d.proxy_severities)):
-        specs += [DomainSpec(f"{role}:{k}:{s}", role, str(id_domain), k, s)
-                  for k in kinds for s in sevs]
-    return specs
-
-
-def _data_root(row: Mapping[str, Any], cfg: JobConfig) -> str:
-    from circuitray.errors import DataError
-
-    root = row.get("data_root") or cfg.data.root
-    if not root:
-        raise DataError(cfg.manifest, f"checkpoint '{row['checkpoint_id']}' has no data_root "
-                                      "(manifest column or data.root)")
-    return str(root)
 
 
 def _device(cfg: JobConfig) -> str:
@@ -178,47 +118,66 @@ def _retry_io(fn: Any, attempts: int = 3, wait_s: float = 0.5) -> Any:
     return None
 
 
-def _run_domain(model: Any, spec: DomainSpec, row: Mapping[str, Any], root: str, transform: Any,
+def _resumable(paths: Iterable[Path], fp: str) -> bool:
+    """Both files exist and carry `fp`: written by an attempt of this checkpoint that was
+    killed before its marker (a file of another setting never passes)."""
+    try:
+        return all((pq.read_schema(p).metadata or {}).get(FINGERPRINT_KEY) == fp.encode()
+                   for p in paths)
+    except (OSError, pa.ArrowInvalid):
+        return False
+
+
+def _run_domain(model: Any, dom: DomainPlan, row: Mapping[str, Any], root: str, transform: Any,
                 cfg: JobConfig, layout: JobLayout, device: str) -> dict[str, Any]:
-    """Write one domain's edges and outputs (atomically); return its DOMAIN_SCHEMA row."""
+    """Write one domain's edges and outputs (atomically, stamped with its fingerprint) and
+    return its marker row."""
     import circuitray
     from circuitray.outputs import model_outputs
 
+    spec, fp = dom.spec, str(dom.fingerprint)
     task, cid = str(row["task"]), str(row["checkpoint_id"])
     e_path = layout.edges_file(task, cid, spec.name)
     o_path = layout.outputs_file(task, cid, spec.name)
     info = {"task": task, "checkpoint": cid, "domain": spec.name, "role": spec.role,
-            "source": spec.source, "kind": spec.kind, "severity": spec.severity}
-    if e_path.exists() and o_path.exists():  # written by an attempt that was killed later
-        n_out = pq.read_metadata(o_path).num_rows
-        n_att = pq.read_table(e_path, columns=["n_examples"]).column(0)[0].as_py()
-        return {**info, "n_examples": n_out, "n_attributed": n_att, "seconds": 0.0,
-                "resumed": True}
+            "source": spec.source, "kind": spec.kind, "severity": spec.severity,
+            "fingerprint": fp, "inputs": json.dumps(dom.inputs, sort_keys=True, default=str)}
     start = time.perf_counter()
-    try:
-        out_loader, att_loader = _loaders(spec, root, transform, cfg)
-    except Exception as exc:
-        raise _StageError("data", exc) from exc
-    try:
-        outputs = model_outputs(model, out_loader, task=task, checkpoint=cid,
-                                domain=spec.name, device=device)
-    except Exception as exc:
-        raise _StageError("outputs", exc) from exc
-    a = cfg.attribution
-    try:
-        scores = circuitray.attribute(model, att_loader, method=a.method, ablation=a.ablation,
-                                      metric=a.metric, steps=a.steps, device=device,
-                                      dtype=a.dtype)
-        edges = scores.to_table(task, cid, spec.name)
-    except Exception as exc:
-        raise _StageError("attribute", exc) from exc
-    try:
-        _retry_io(lambda: write_parquet_atomic(edges, e_path, EDGE_SCHEMA))
-        _retry_io(lambda: write_parquet_atomic(outputs, o_path, OUTPUT_SCHEMA))
-    except Exception as exc:
-        raise _StageError("write", exc) from exc
-    return {**info, "n_examples": outputs.num_rows, "n_attributed": int(scores.n_examples),
-            "seconds": time.perf_counter() - start, "resumed": False}
+    resumed = _resumable((e_path, o_path), fp)
+    if not resumed:
+        try:
+            out_loader, att_loader = _loaders(spec, root, transform, cfg)
+        except Exception as exc:
+            raise _StageError("data", exc) from exc
+        try:
+            outputs = model_outputs(model, out_loader, task=task, checkpoint=cid,
+                                    domain=spec.name, device=device)
+        except Exception as exc:
+            raise _StageError("outputs", exc) from exc
+        a = cfg.attribution
+        try:
+            scores = circuitray.attribute(model, att_loader, method=a.method,
+                                          ablation=a.ablation, metric=a.metric, steps=a.steps,
+                                          device=device, dtype=a.dtype)
+            edges = scores.to_table(task, cid, spec.name)
+        except Exception as exc:
+            raise _StageError("attribute", exc) from exc
+        stamp = {FINGERPRINT_KEY: fp.encode()}
+        try:
+            _retry_io(lambda: write_parquet_atomic(edges, e_path,
+                                                   EDGE_SCHEMA.with_metadata(stamp)))
+            _retry_io(lambda: write_parquet_atomic(outputs, o_path,
+                                                   OUTPUT_SCHEMA.with_metadata(stamp)))
+        except Exception as exc:
+            raise _StageError("write", exc) from exc
+    files = {}
+    for which, path in (("edges", e_path), ("outputs", o_path)):
+        rec = FileRecord.of(path)
+        files.update({f"{which}_rows": rec.rows, f"{which}_size": rec.size,
+                      f"{which}_mtime_ns": rec.mtime_ns, f"{which}_checksum": rec.checksum})
+    n_att = pq.read_table(e_path, columns=["n_examples"]).column(0)[0].as_py()
+    return {**info, **files, "n_examples": files["outputs_rows"], "n_attributed": n_att,
+            "seconds": time.perf_counter() - start, "resumed": resumed}
 
 
 def _sweep_temporaries(layout: JobLayout, task: str, cid: str) -> None:
@@ -233,11 +192,24 @@ def _sweep_temporaries(layout: JobLayout, task: str, cid: str) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def discover_checkpoint(row: Mapping[str, Any], cfg: JobConfig) -> dict[str, Any]:
-    """Everything for one checkpoint; runs inside a Ray task (or inline in tests).
+def _weights_identity(plan: CheckpointPlan) -> dict[str, Any]:
+    """The marker's weights columns; hashes the file when planning did not (a new checkpoint)."""
+    weights = str(plan.row["weights"])
+    stat = weights_stat(weights)
+    return {"weights_hash": plan.weights_hash or weights_hash(weights),
+            "weights_size": stat[0] if stat else None,
+            "weights_mtime_ns": stat[1] if stat else None}
 
-    Returns {"checkpoint", "status": "done" | "skipped" | "failed", "seconds", and for a
-    failure "stage", "error_type", "error"}; never raises for a checkpoint's own errors.
+
+def discover_checkpoint(row: Mapping[str, Any], cfg: JobConfig,
+                        plan: CheckpointPlan | None = None) -> dict[str, Any]:
+    """Every planned domain of one checkpoint; runs inside a Ray task (or inline in tests).
+
+    Domains the plan found complete are kept as they are, domains a killed attempt already
+    wrote for the same fingerprint are resumed, the rest are computed; then the marker is
+    rewritten with one row per planned domain. Returns {"checkpoint", "status": "done" |
+    "skipped" | "failed", "seconds", "computed", and for a failure "stage", "error_type",
+    "error"}; never raises for a checkpoint's own errors.
     """
     import torch
 
@@ -245,33 +217,46 @@ def discover_checkpoint(row: Mapping[str, Any], cfg: JobConfig) -> dict[str, Any
     layout = JobLayout.of(cfg.output_dir)
     cid = str(row["checkpoint_id"])
     start = time.perf_counter()
-    if layout.is_complete(cid):
-        return {"checkpoint": cid, "status": "skipped", "seconds": 0.0}
+    if plan is None:
+        plan = plan_checkpoint(row, cfg, layout)
+    if plan.complete:
+        return {"checkpoint": cid, "status": "skipped", "seconds": 0.0, "computed": 0}
     _sweep_temporaries(layout, str(row["task"]), cid)
     running = layout.running_file(cid)
     running.parent.mkdir(parents=True, exist_ok=True)
     running.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                    "started": time.time()}))
     try:
+        if plan.error is not None:  # found while planning: no model is loaded for it
+            raise _StageError("data", DataError(str(plan.error_path), plan.error))
         try:
             from circuitray.models import load_checkpoint
 
             device = _device(cfg)
             model = load_checkpoint(row).to(device)
+            identity = _weights_identity(plan)
         except Exception as exc:
             raise _StageError("load", exc) from exc
         try:
             from circuitray.data.datasets import eval_transform
 
-            specs = domain_specs(row, cfg)
             transform = eval_transform(model)
-            root = _data_root(row, cfg)
+            root = data_root(row, cfg)
         except Exception as exc:
             raise _StageError("data", exc) from exc
-        rows = []
-        for spec in specs:
-            rows.append(_run_domain(model, spec, row, root, transform, cfg, layout, device))
-            print(f"[discover {cid}] {spec.name}: {rows[-1]['n_examples']} examples, "
+        rows, computed = [], 0
+        for dom in plan.domains:
+            if dom.complete and dom.record is not None:
+                rows.append({**dom.record, "resumed": False, "seconds": 0.0})
+                continue
+            if dom.fingerprint is None or plan.weights_hash != identity["weights_hash"]:
+                dom.inputs = domain_inputs(row, dom.spec, cfg, weights=identity["weights_hash"],
+                                           listings=plan.listings)
+                dom.fingerprint = fingerprint(dom.inputs)
+            rows.append({**_run_domain(model, dom, row, root, transform, cfg, layout, device),
+                         **identity})
+            computed += not rows[-1]["resumed"]
+            print(f"[discover {cid}] {dom.spec.name}: {rows[-1]['n_examples']} examples, "
                   f"{rows[-1]['seconds']:.1f}s{' (resumed)' if rows[-1]['resumed'] else ''}",
                   file=sys.stderr, flush=True)
         try:
@@ -279,13 +264,14 @@ def discover_checkpoint(row: Mapping[str, Any], cfg: JobConfig) -> dict[str, Any
                                  layout.marker(cid))
         except Exception as exc:
             raise _StageError("write", exc) from exc
-        return {"checkpoint": cid, "status": "done", "seconds": time.perf_counter() - start}
+        return {"checkpoint": cid, "status": "done", "seconds": time.perf_counter() - start,
+                "computed": computed}
     except Exception as exc:  # one bad checkpoint never stops the job
         stage, err = (exc.stage, exc.error) if isinstance(exc, _StageError) else ("internal", exc)
         return {"checkpoint": cid, "status": "failed", "stage": stage,
                 "error_type": type(err).__name__,
                 "error": f"{err}\n{''.join(traceback.format_exception(err)[-3:])}".strip(),
-                "seconds": time.perf_counter() - start}
+                "seconds": time.perf_counter() - start, "computed": 0}
     finally:
         running.unlink(missing_ok=True)
 
@@ -322,24 +308,24 @@ def _check_gpus(num_gpus: float, local: bool) -> None:
 
 def run_discover(cfg: JobConfig, rows: Iterable[Mapping[str, Any]] | None = None
                  ) -> DiscoverSummary:
-    """Submit one Ray task per incomplete checkpoint and wait, with counts and ETA."""
+    """Plan, print what will be recomputed and why, then one Ray task per checkpoint to run."""
     import ray
 
     from circuitray.runtime.ray_utils import ensure_ray, iter_completed
 
     start = time.perf_counter()
     layout = JobLayout.of(cfg.output_dir)
-    rows = list(manifest_rows(cfg) if rows is None else rows)
+    plan = plan_job(cfg, rows)
+    for line in plan.summary():
+        print(f"[plan] {line}", file=sys.stderr, flush=True)
     summary = DiscoverSummary()
     todo = []
-    for row in rows:
-        cid = str(row["checkpoint_id"])
-        if layout.is_complete(cid):
-            summary.skipped.append(cid)
+    for cp in plan.checkpoints:
+        if cp.complete:
+            summary.skipped.append(cp.checkpoint)
+            layout.failure_file(cp.checkpoint).unlink(missing_ok=True)
         else:
-            todo.append(row)
-    print(f"[discover] {len(rows)} checkpoints: {len(summary.skipped)} already complete, "
-          f"{len(todo)} to run", file=sys.stderr, flush=True)
+            todo.append(cp)
     if todo:
         r = cfg.resources
         ensure_ray(r.address, r.local_num_cpus)
@@ -348,24 +334,15 @@ def run_discover(cfg: JobConfig, rows: Iterable[Mapping[str, Any]] | None = None
         task = ray.remote(num_cpus=r.num_cpus, num_gpus=r.num_gpus,
                           max_retries=r.max_retries)(discover_checkpoint)
         cfg_ref = ray.put(cfg)
-        refs = [task.remote(row, cfg_ref) for row in todo]
+        refs = [task.remote(cp.row, cfg_ref, cp) for cp in todo]
         for _, result in iter_completed(refs, "discover"):
             record_result(layout, result)
             {"done": summary.done, "skipped": summary.skipped,
              "failed": summary.failed}[result["status"]].append(result["checkpoint"])
+            summary.computed += result.get("computed", 0)
             if result["status"] == "failed":
                 print(f"[discover] FAILED {result['checkpoint']} at {result['stage']}: "
                       f"{result['error'].splitlines()[0]}", file=sys.stderr, flush=True)
     summary.seconds = time.perf_counter() - start
     print(str(summary), file=sys.stderr, flush=True)
     return summary
-
-
-def read_domains(layout: JobLayout) -> pd.DataFrame:
-    """All completion markers as one DOMAIN_SCHEMA frame (empty if none)."""
-    return read_parquet_or_empty(layout.checkpoints, DOMAIN_SCHEMA).to_pandas()
-
-
-def read_failures(layout: JobLayout) -> pd.DataFrame:
-    """The failures table (empty with FAILURE_SCHEMA columns if none)."""
-    return read_parquet_or_empty(layout.failures, FAILURE_SCHEMA).to_pandas()

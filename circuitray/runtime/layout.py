@@ -5,11 +5,13 @@
     <out>/checkpoints/<checkpoint>.parquet               completion marker: one row per domain
     <out>/failures/<checkpoint>.parquet                  why a checkpoint failed (FAILURE_SCHEMA)
     <out>/running/<checkpoint>.json                      the worker (host, pid) on it right now
+    <out>/cache/                                         image-validation results per listing
     <out>/metrics/, <out>/evaluation/, <out>/figures/    reduce outputs
     <out>/mlflow.db, <out>/mlartifacts/                  the default MLflow store
 
-A checkpoint is complete exactly when its marker exists; the marker is written (atomically)
-after all its domain files, so a re-run trusts it and recomputes nothing.
+A domain is complete exactly when its checkpoint's marker has a row for it whose fingerprint
+is the one the current config plans (circuitray.runtime.plan) and whose two files still have
+the recorded size and checksum. The marker is written (atomically) after all the domain files.
 """
 
 from __future__ import annotations
@@ -38,6 +40,15 @@ DOMAIN_SCHEMA = pa.schema(
         ("n_attributed", pa.int64()),
         ("seconds", pa.float64()),
         ("resumed", pa.bool_()),  # computed by an earlier attempt of this checkpoint
+        # what determined the two files (circuitray.runtime.plan) and what they looked like
+        ("fingerprint", pa.string()),
+        ("inputs", pa.string()),  # JSON of the fingerprint's inputs: says why one changed
+        ("weights_hash", pa.string()),
+        ("weights_size", pa.int64()),
+        ("weights_mtime_ns", pa.int64()),
+        *[(f"{which}_{part}", typ) for which in ("edges", "outputs")
+          for part, typ in (("rows", pa.int64()), ("size", pa.int64()),
+                            ("mtime_ns", pa.int64()), ("checksum", pa.string()))],
     ]
 )
 
@@ -81,6 +92,10 @@ class JobLayout:
         return self.root / "running"
 
     @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics"
 
@@ -107,6 +122,3 @@ class JobLayout:
 
     def running_file(self, checkpoint: str) -> Path:
         return self.running / f"{safe_name(checkpoint)}.json"
-
-    def is_complete(self, checkpoint: str) -> bool:
-        return self.marker(checkpoint).exists()

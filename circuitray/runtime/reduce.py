@@ -13,19 +13,27 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from circuitray.config import to_dict
-from circuitray.errors import CircuitrayError, MetricError
+from circuitray.errors import CircuitrayError, MetricError, StaleResultError
 from circuitray.job_config import JobConfig, ReduceConfig
-from circuitray.runtime.discover import is_final, manifest_rows, read_domains, read_failures
 from circuitray.runtime.layout import JobLayout, safe_name
+from circuitray.runtime.plan import (
+    JobPlan,
+    domains_frame,
+    is_final,
+    manifest_rows,
+    plan_job,
+    read_failures,
+)
 from circuitray.tables import read_parquet, write_parquet_atomic
 
 KEYS = ["task", "checkpoint", "domain"]
@@ -45,25 +53,48 @@ class ReduceResult:
     seconds: float = 0.0
 
 
-def fingerprint(layout: JobLayout, cfg: JobConfig) -> str:
-    """Hash of the completion markers (names, sizes, mtimes) and everything reduce reads."""
+def fingerprint(plan: JobPlan, cfg: JobConfig, failed: set[str]) -> str:
+    """Hash of every input reduce reads: each planned domain's fingerprint and file checksums,
+    which checkpoints failed, the manifest (its annotations become columns), and the reduce
+    and tracking settings. Equal hashes mean equal tables."""
+    import circuitray
+    from circuitray.runtime.files import checksum_file
+
     h = hashlib.sha256()
-    for p in sorted(layout.checkpoints.glob("*.parquet")):
-        st = p.stat()
-        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    for cp in plan.checkpoints:
+        h.update(f"{cp.checkpoint}:{cp.checkpoint in failed};".encode())
+        for d in cp.domains:
+            rec = d.record or {}
+            h.update(f"{d.spec.name}:{d.fingerprint}:{rec.get('edges_checksum')}:"
+                     f"{rec.get('outputs_checksum')};".encode())
     h.update(json.dumps({"reduce": to_dict(cfg.reduce), "tracking": to_dict(cfg.tracking),
-                         "manifest": cfg.manifest}, sort_keys=True).encode())
+                         "manifest": [cfg.manifest, checksum_file(cfg.manifest)],
+                         "circuitray": circuitray.__version__}, sort_keys=True).encode())
     return h.hexdigest()
 
 
 _PARTS = ("depth", "shift", "baselines", "detectors", "accuracy")
 
 
-def checkpoint_metrics(root: str, task: str, cid: str, id_domain: str, n_domains: int,
-                       r: ReduceConfig, threads: int = 1) -> dict[str, pd.DataFrame]:
+def read_checkpoint_files(layout: JobLayout, task: str, cid: str,
+                          files: Sequence[tuple[str, str, str]], which: str) -> pa.Table:
+    """One checkpoint's planned `which` ("edges" | "outputs") files, each parsed from bytes
+    whose checksum matches its marker: other domains' files in the folder are never read."""
+    from circuitray.runtime.files import read_verified
+
+    path = layout.edges_file if which == "edges" else layout.outputs_file
+    index = 1 if which == "edges" else 2
+    return pa.concat_tables([read_verified(path(task, cid, f[0]), f[index]) for f in files],
+                            promote_options="default")
+
+
+def checkpoint_metrics(root: str, task: str, cid: str, id_domain: str,
+                       files: Sequence[tuple[str, str, str]], r: ReduceConfig,
+                       threads: int = 1) -> dict[str, pd.DataFrame]:
     """Depth metrics, CSS, baselines, detectors and accuracy of ONE checkpoint's files.
 
-    Pure (files in, frames out), so it runs inline or as a Ray task next to the data.
+    `files` lists its planned domains as (domain, edges checksum, outputs checksum). Pure
+    (files in, frames out), so it runs inline or as a Ray task next to the data.
     """
     from threadpoolctl import threadpool_limits
 
@@ -74,12 +105,13 @@ def checkpoint_metrics(root: str, task: str, cid: str, id_domain: str, n_domains
     layout = JobLayout.of(root)
     out: dict[str, pd.DataFrame] = {}
     with threadpool_limits(threads):
-        edges = read_parquet(layout.edges / safe_name(task) / safe_name(cid))
+        n_domains = len(files)
+        edges = read_checkpoint_files(layout, task, cid, files, "edges")
         out["depth"] = depth_metrics(edges, taus=tuple(r.taus), targets=tuple(r.targets))
         if n_domains > 1:
             out["shift"] = shift_scores(edges, id_domain=id_domain,
                                         variants=list(r.css_variants), top_n=r.top_n)
-        outputs = read_parquet(layout.outputs / safe_name(task) / safe_name(cid)).to_pandas()
+        outputs = read_checkpoint_files(layout, task, cid, files, "outputs").to_pandas()
         out["accuracy"] = domain_accuracy(outputs)
         out["baselines"] = pre_deployment_baselines(outputs, id_domain=id_domain)
         if n_domains > 1:
@@ -96,7 +128,9 @@ def _per_checkpoint(layout: JobLayout, domains: pd.DataFrame, cfg: JobConfig
     args = []
     for (task, cid), doms in domains.groupby(["task", "checkpoint"], sort=True):
         id_domain = doms.loc[doms.role == "id", "domain"].iloc[0]
-        args.append((str(layout.root), task, cid, id_domain, len(doms), cfg.reduce))
+        files = list(doms[["domain", "edges_checksum", "outputs_checksum"]]
+                     .itertuples(index=False, name=None))
+        args.append((str(layout.root), task, cid, id_domain, files, cfg.reduce))
     results: list[dict[str, pd.DataFrame]] = []
     if ray.is_initialized() and len(args) > 1:
         from circuitray.runtime.ray_utils import iter_completed
@@ -393,17 +427,35 @@ def _log_mlflow(cfg: JobConfig, layout: JobLayout, manifest: pd.DataFrame, frame
                    tags={"output_dir": str(layout.root)})
 
 
+def check_ready(plan: JobPlan, failed: set[str]) -> None:
+    """Refuse to reduce when a planned checkpoint that did not fail has a stale, damaged or
+    missing domain: its numbers would be from another setting, or silently absent."""
+    stale = [c for c in plan.todo if c.checkpoint not in failed]
+    if not stale:
+        return
+    lines = [f"  {c.checkpoint}: {c.reason()}" for c in stale[:20]]
+    more = [f"  ... and {len(stale) - 20} more"] if len(stale) > 20 else []
+    raise StaleResultError(
+        f"{len(stale)} of {len(plan.checkpoints)} checkpoints are not complete for this "
+        "config, so reduce would report stale or missing numbers; run discover first "
+        "(`circuitray run` or `circuitray discover` with the same config):\n"
+        + "\n".join(lines + more))
+
+
 def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
     """Compute metrics/ and evaluation/ tables, figures and the MLflow runs of a job."""
     start = time.perf_counter()
     layout = JobLayout.of(cfg.output_dir)
     stamp = layout.evaluation / "_reduce.json"
-    fp = fingerprint(layout, cfg)
+    plan = plan_job(cfg, validate_images=False)
+    failed = set(read_failures(layout).checkpoint) & {c.checkpoint for c in plan.todo}
+    check_ready(plan, failed)
+    fp = fingerprint(plan, cfg, failed)
     if not force and stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fp:
         print("[reduce] up to date: inputs and config unchanged, nothing recomputed",
               file=sys.stderr, flush=True)
         return ReduceResult(skipped=True, run_id=json.loads(stamp.read_text()).get("run_id"))
-    domains = read_domains(layout)
+    domains = domains_frame(plan)
     if domains.empty:
         raise CircuitrayError(f"{layout.root}: no completed checkpoints to reduce "
                               "(run discover first)")
