@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,8 @@ def validate_listing(listing: Listing, cache_dir: Path | None = None) -> list[st
             return list(json.loads(cache.read_text())["unreadable"])
         except (ValueError, KeyError):
             pass  # a damaged cache entry is recomputed
+    print(f"[plan] decoding {len(listing.images)} images of {listing.folder} once "
+          "(remembered for this listing)", file=sys.stderr, flush=True)
     bad = unreadable_images(listing)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
