@@ -28,17 +28,18 @@ from pathlib import Path
 from _mimalloc import find_mimalloc  # bench/ is sys.path[0] when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the synthetic edge tables are a test fixture
 
 
 def one(n_ckpt: int, n_boot: int, seed: int) -> dict:
     import numpy as np
     import pandas as pd
+    from _synthetic import synthetic_edges
 
     from circuitray.evaluation import pre_deployment, silent_failure_alarm
     from circuitray.metrics.dense import edge_blocks
     from circuitray.metrics.depth import ddb_column, depth_metrics
     from circuitray.metrics.shift import VARIANTS, css_column, shift_scores
-    from circuitray.metrics.synthetic import synthetic_edges
 
     rng = np.random.default_rng(seed)
     ckpts = [f"ckpt_{i:05d}" for i in range(n_ckpt)]

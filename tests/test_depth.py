@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from _synthetic import synthetic_edges, vit_edge_list
 
 from circuitray.errors import MetricError, TableError
 from circuitray.graph import edge_count
@@ -17,7 +18,6 @@ from circuitray.metrics.depth import (
     depth_metrics,
     lambda_matrices,
 )
-from circuitray.metrics.synthetic import synthetic_edges, vit_edge_list
 
 TAU = 1 / 3  # L = 3: low = block 0 (depth 1), high = block 2 (depth 3)
 

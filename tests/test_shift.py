@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.stats
+from _synthetic import synthetic_edges, vit_edge_list
 
 from circuitray.errors import MetricError, TableError
 from circuitray.metrics.shift import (
@@ -17,7 +18,6 @@ from circuitray.metrics.shift import (
     normalized_laplacian_eigenvalues,
     shift_scores,
 )
-from circuitray.metrics.synthetic import synthetic_edges, vit_edge_list
 
 
 def circuit(scores: np.ndarray, n_blocks: int = 3, n_heads: int = 2) -> pd.DataFrame:

@@ -4,7 +4,6 @@ depth   — Λ (inter-layer dependency) and DDB, per circuit
 shift   — CSS between a model's ID circuit and its circuit on another domain
 motifs  — regularized CCA between vec(Λ) and OOD accuracy across a zoo
 dense   — edge table -> [circuit, edge] score matrices (shared by the above)
-synthetic — valid edge tables with planted structure (tests, benchmarks)
 """
 
 from circuitray.metrics.depth import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
 import ray
@@ -58,14 +58,3 @@ def iter_completed(refs: Sequence[ray.ObjectRef], label: str,
             print(f"[{label}] {done}/{total} done, {_fmt_seconds(elapsed)} elapsed, "
                   f"ETA {_fmt_seconds(eta)}", file=stream, flush=True)
             yield index[ref], ray.get(ref)
-
-
-def run_all(fn: Callable[..., Any], args: Sequence[tuple], label: str, *,
-            num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 2) -> list[Any]:
-    """Run `fn(*a)` as one Ray task per `a`, with resources and retries; results in order."""
-    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)(fn)
-    refs = [remote.remote(*a) for a in args]
-    results: list[Any] = [None] * len(refs)
-    for i, value in iter_completed(refs, label):
-        results[i] = value
-    return results
