@@ -127,8 +127,8 @@ def test_shifted_dataset_corrupts_before_normalization(tmp_path) -> None:
     unit, _, _ = base.unit(4)
     expected = tf.normalize(corrupt(unit[None], "contrast", 5, seed=3 * 1_000_003 + 4)[0])
     assert torch.allclose(x, expected)
-    assert domain == "d+contrast-5" and label == base[4][1]
+    assert domain == "shift:contrast:5" and label == base[4][1]  # the job's one name
     images, labels, domains = next(iter(make_loader(shifted, 4)))
-    assert images.shape == (4, 3, 32, 32) and domains[0] == "d+contrast-5"
+    assert images.shape == (4, 3, 32, 32) and domains[0] == "shift:contrast:5"
     # same item, same corruption regardless of batching
     assert torch.allclose(images[0], shifted[0][0])

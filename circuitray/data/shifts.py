@@ -407,11 +407,13 @@ class ShiftedDataset(Dataset):
 
     `base` must be one of circuitray's image datasets (it exposes `unit(i)`, the [0, 1] image
     at the model's resolution, and `normalize`). Item i is corrupted with seed (seed, i), so a
-    domain is identical however it is batched. Domain name: '<domain>+<kind>-<severity>'.
+    domain is identical however it is batched. Its items carry the domain name `name`, the
+    job's one name for a shifted domain (`shift:<kind>:<severity>` unless told otherwise,
+    e.g. `proxy:<kind>:<severity>` for the alarm's proxies).
     """
 
     def __init__(self, base: Dataset, kind: str, severity: int, seed: int = 0,
-                 scale: Scale = "auto"):
+                 scale: Scale = "auto", name: str | None = None):
         if not hasattr(base, "unit") or not hasattr(base, "normalize"):
             raise ConfigError(f"ShiftedDataset needs a circuitray image dataset with unit() and "
                               f"normalize(); got {type(base).__name__}")
@@ -420,16 +422,17 @@ class ShiftedDataset(Dataset):
         if severity not in (1, 2, 3, 4, 5):
             raise ConfigError(f"corruption '{kind}': severity must be 1..5, got {severity!r}")
         self.base, self.kind, self.severity, self.seed, self.scale = base, kind, severity, seed, scale
+        self.name = name or f"shift:{kind}:{severity}"
         self.classes = getattr(base, "classes", None)
 
     def __len__(self) -> int:
         return len(self.base)
 
     def unit(self, index: int) -> tuple[torch.Tensor, int, str]:
-        image, label, domain = self.base.unit(index)
+        image, label, _ = self.base.unit(index)
         shifted = corrupt(image[None], self.kind, self.severity,
                           seed=self.seed * 1_000_003 + index, scale=self.scale)[0]
-        return shifted, label, f"{domain}+{self.kind}-{self.severity}"
+        return shifted, label, self.name
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return self.base.normalize(images)

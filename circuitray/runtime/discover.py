@@ -93,7 +93,7 @@ def _loaders(spec: DomainSpec, root: str, transform: Any, cfg: JobConfig) -> tup
     if spec.kind is not None:
         from circuitray.data.shifts import ShiftedDataset
 
-        data = ShiftedDataset(base, spec.kind, spec.severity, seed=d.seed)
+        data = ShiftedDataset(base, spec.kind, spec.severity, seed=d.seed, name=spec.name)
     n_out = d.limit
     n_att = d.attribution_limit if d.attribution_limit is not None else n_out
     if n_out is not None and n_att is not None:
