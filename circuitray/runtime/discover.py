@@ -132,7 +132,7 @@ def _run_domain(model: Any, dom: DomainPlan, row: Mapping[str, Any], root: str, 
                 cfg: JobConfig, layout: JobLayout, device: str) -> dict[str, Any]:
     """Write one domain's edges and outputs (atomically, stamped with its fingerprint) and
     return its marker row."""
-    import circuitray
+    from circuitray.attribution import attribute
     from circuitray.outputs import model_outputs
 
     spec, fp = dom.spec, str(dom.fingerprint)
@@ -156,9 +156,8 @@ def _run_domain(model: Any, dom: DomainPlan, row: Mapping[str, Any], root: str, 
             raise _StageError("outputs", exc) from exc
         a = cfg.attribution
         try:
-            scores = circuitray.attribute(model, att_loader, method=a.method,
-                                          ablation=a.ablation, metric=a.metric, steps=a.steps,
-                                          device=device, dtype=a.dtype)
+            scores = attribute(model, att_loader, method=a.method, ablation=a.ablation,
+                               metric=a.metric, steps=a.steps, device=device, dtype=a.dtype)
             edges = scores.to_table(task, cid, spec.name)
         except Exception as exc:
             raise _StageError("attribute", exc) from exc
