@@ -109,3 +109,32 @@ def test_missing_or_invalid_yaml_names_the_file(tmp_path: Path) -> None:
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="bad.yaml.*mapping"):
         load_config(JobConfig, bad)
+
+
+def test_fp64_from_the_config_runs_a_float32_model_in_float64_and_restores_it(
+        tmp_path: Path) -> None:
+    """attribution.dtype=fp64 gives the scores of the model's float64 copy (oracle precision)
+    and leaves the caller's float32 model as it was, also when attribution fails."""
+    import copy
+    import dataclasses
+
+    import numpy as np
+    import torch
+    from _tiny import images, tiny_vit
+
+    from circuitray import attribute
+    from circuitray.errors import InputError
+
+    cfg = load_job_config(CONF / "tiny.yaml", ["attribution.dtype=fp64"], base=tmp_path)
+    kwargs = dataclasses.asdict(cfg.attribution)
+    model, x = tiny_vit(dtype=torch.float32), images(n=3, dtype=torch.float32)
+    before = copy.deepcopy(model.state_dict())
+    got = attribute(model, [x], **kwargs)
+    want = attribute(copy.deepcopy(model).double(), [x.double()], **{**kwargs, "dtype": "fp32"})
+    np.testing.assert_array_equal(got.scores, want.scores)
+    fp32 = attribute(model, [x], **{**kwargs, "dtype": "fp32"})
+    assert not np.array_equal(got.scores, fp32.scores)  # float32 rounding differs
+    with pytest.raises(InputError, match="NaN"):
+        attribute(model, [x.clone().fill_(float("nan"))], **kwargs)
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
