@@ -24,10 +24,13 @@ from circuitray.graph import ViTGraph
 from circuitray.hooks import ViTAdapter
 from circuitray.tables import EDGE_SCHEMA, conform
 
+# The allowed values of `attribute`'s options, defined once: the job config validates
+# against these too (circuitray.job_config.check_job_config).
 METHODS = ("eap", "eap-ig-inputs")
-ABLATIONS = ("mean-positional", "mean", "zero", "corrupted")
+DATASET_ABLATIONS = ("mean-positional", "mean", "zero")  # need nothing beyond the dataset
+ABLATIONS = (*DATASET_ABLATIONS, "corrupted")  # corrupted: needs `corrupted_batches`
 METRICS = ("kl", "logit", "ce")
-DTYPES = ("fp32", "bf16")
+DTYPES = ("fp32", "bf16", "fp64")
 
 
 # -- results ----------------------------------------------------------------------------
@@ -352,9 +355,9 @@ def compute_ablation(model: nn.Module, batches: Iterable, ablation: str = "mean-
     if ablation == "zero":
         return torch.zeros(adapter.graph.n_src, 1, 1, adapter.dim, dtype=runner.work,
                            device=runner.device)
-    if ablation not in ("mean-positional", "mean"):
+    if ablation not in DATASET_ABLATIONS:
         raise ConfigError(f"ablation: {ablation!r} has no dataset-level value; "
-                          f"choose 'mean-positional', 'mean' or 'zero'")
+                          f"choose one of {DATASET_ABLATIONS}")
     with eval_mode(model.to(runner.device)):
         return _mean_ablation(runner, batches, ablation)[0]
 
@@ -365,6 +368,25 @@ def node_values(model: nn.Module, images: torch.Tensor,
     runner = _Runner(ViTAdapter(model), _device(device), "fp32")
     with eval_mode(model.to(runner.device)):
         return runner.sources(runner.images(images, "images"), "images")[0]
+
+
+def _cast_floats(model: nn.Module, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.dtype]]:
+    """Cast the model's floating parameters and buffers in place; returns what to restore.
+
+    In place (`.data`), so the Parameter objects a caller (or its optimizer) holds stay
+    valid; casting back from float64 is exact for every floating dtype.
+    """
+    saved = []
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point() and t.dtype != dtype:
+            saved.append((t, t.dtype))
+            t.data = t.data.to(dtype)
+    return saved
+
+
+def _restore_dtypes(saved: list[tuple[torch.Tensor, torch.dtype]]) -> None:
+    for t, dtype in saved:
+        t.data = t.data.to(dtype)
 
 
 def attribute(model: nn.Module, batches: Iterable, *, method: str = "eap-ig-inputs",
@@ -379,9 +401,11 @@ def attribute(model: nn.Module, batches: Iterable, *, method: str = "eap-ig-inpu
     [B, 3, H, W] or (images, labels, ...). The model is moved to `device` (default: CUDA if
     available), put in eval mode with frozen parameters, and restored afterwards (mode and
     requires_grad; not the device). `dtype="fp32"` runs in the model's own precision,
-    "bf16" under autocast with fp32 accumulation. Mean ablations keep up to `cache_bytes`
-    of the first pass's plain runs and reuse them for batches whose images are unchanged on
-    the second pass (a shuffling loader simply gets no reuse); 0 turns this off.
+    "bf16" under autocast with fp32 accumulation, "fp64" casts the model and the images to
+    float64 for the run (an oracle's precision; the model's dtypes are restored after).
+    Mean ablations keep up to `cache_bytes` of the first pass's plain runs and reuse them
+    for batches whose images are unchanged on the second pass (a shuffling loader simply
+    gets no reuse); 0 turns this off.
     """
     for key, val, allowed in (("method", method, METHODS), ("ablation", ablation, ABLATIONS),
                               ("metric", metric, METRICS), ("dtype", dtype, DTYPES)):
@@ -397,7 +421,10 @@ def attribute(model: nn.Module, batches: Iterable, *, method: str = "eap-ig-inpu
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
     model.to(dev).eval().requires_grad_(False)
+    cast: list[tuple[torch.Tensor, torch.dtype]] = []
     try:
+        if dtype == "fp64":
+            cast = _cast_floats(model, torch.float64)
         runner = _Runner(adapter, dev, dtype)
         g = adapter.graph
         total_n, cache = None, {}
@@ -437,6 +464,7 @@ def attribute(model: nn.Module, batches: Iterable, *, method: str = "eap-ig-inpu
         if n == 0:
             raise InputError("batches: the dataset is empty")
     finally:
+        _restore_dtypes(cast)
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
         model.train(was_training)

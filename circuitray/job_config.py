@@ -41,13 +41,19 @@ class DataConfig:
 
 @dataclass
 class AttributionConfig:
-    """Arguments of `circuitray.attribute` (DESIGN §2)."""
+    """Arguments of `circuitray.attribute` (DESIGN §2), field for keyword.
 
-    method: Literal["eap-ig-inputs", "eap"] = "eap-ig-inputs"
-    ablation: Literal["mean-positional", "mean", "zero"] = "mean-positional"
-    metric: Literal["kl", "logit", "ce"] = "kl"
+    The allowed values are `circuitray.attribution`'s METHODS, DATASET_ABLATIONS, METRICS
+    and DTYPES, checked by `check_job_config`: one source for the API and the job, and this
+    module stays importable without torch. 'corrupted' is not a job ablation: it needs a
+    paired corrupted image per example.
+    """
+
+    method: str = "eap-ig-inputs"
+    ablation: str = "mean-positional"
+    metric: str = "kl"
     steps: int = 5
-    dtype: Literal["fp32", "bf16", "fp64"] = "fp32"
+    dtype: str = "fp32"
     device: str | None = None  # None: cuda when a GPU share is requested, else cpu
 
 
@@ -154,9 +160,19 @@ def check_job_config(cfg: JobConfig) -> JobConfig:
     for i, delta in enumerate(cfg.reduce.deltas):
         if not 0 < delta < 1:
             raise ConfigError(f"config key 'reduce.deltas[{i}]': {delta} not in (0, 1)")
-    if cfg.attribution.method == "eap" and cfg.attribution.metric == "kl":
-        raise ConfigError("config key 'attribution.metric': 'kl' has zero gradient at the clean "
-                          "end, so method 'eap' cannot use it; use eap-ig-inputs or metric logit")
+    from circuitray import attribution  # torch-backed, but names only: one source of values
+
+    if a.ablation == "corrupted":
+        raise ConfigError("config key 'attribution.ablation': 'corrupted' needs paired corrupted "
+                          "images for every example, which a job does not have; use one of "
+                          f"{list(attribution.DATASET_ABLATIONS)} (or circuitray.attribute "
+                          "with corrupted_batches)")
+    for key, allowed in (("method", attribution.METHODS),
+                         ("ablation", attribution.DATASET_ABLATIONS),
+                         ("metric", attribution.METRICS), ("dtype", attribution.DTYPES)):
+        if getattr(a, key) not in allowed:
+            raise ConfigError(f"config key 'attribution.{key}': {getattr(a, key)!r} is not one "
+                              f"of {list(allowed)}")
     return cfg
 
 

@@ -109,3 +109,92 @@ def test_missing_or_invalid_yaml_names_the_file(tmp_path: Path) -> None:
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="bad.yaml.*mapping"):
         load_config(JobConfig, bad)
+
+
+def _job_values() -> list[tuple[str, str]]:
+    """Every (attribution key, value) `circuitray.attribute` accepts that a job can run."""
+    from circuitray.attribution import ABLATIONS, DATASET_ABLATIONS, DTYPES, METHODS, METRICS
+
+    assert set(ABLATIONS) - set(DATASET_ABLATIONS) == {"corrupted"}
+    return [(key, value) for key, values in (("method", METHODS), ("ablation", DATASET_ABLATIONS),
+                                             ("metric", METRICS), ("dtype", DTYPES))
+            for value in values]
+
+
+@pytest.mark.parametrize(("key", "value"), _job_values())
+def test_every_attribution_value_the_job_accepts_runs_in_attribute(tmp_path: Path, key: str,
+                                                                    value: str) -> None:
+    """Config -> attribute: what the config accepts, `circuitray.attribute` runs (fp64 too)."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+    from _tiny import images, tiny_vit
+
+    from circuitray import attribute
+
+    cfg = load_job_config(CONF / "tiny.yaml", [f"attribution.{key}={value}"], base=tmp_path)
+    assert getattr(cfg.attribution, key) == value
+    model, x = tiny_vit(dtype=torch.float32), images(n=3, dtype=torch.float32)
+    scores = attribute(model, [(x, torch.arange(3))], **dataclasses.asdict(cfg.attribution))
+    assert np.isfinite(scores.scores).all() and np.abs(scores.scores).max() > 0
+
+
+def test_eap_with_kl_is_accepted(tmp_path: Path) -> None:
+    """EAP's gradient is taken at the ablated end, where KL's gradient is not 0 (DESIGN §2)."""
+    cfg = load_job_config(CONF / "tiny.yaml", ["attribution.method=eap", "attribution.metric=kl"],
+                          base=tmp_path)
+    assert (cfg.attribution.method, cfg.attribution.metric) == ("eap", "kl")
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("method", "eap-ig"), ("method", "EAP"), ("ablation", "resample"), ("metric", "acc"),
+    ("dtype", "fp16"), ("dtype", "float64"),
+])
+def test_attribution_values_attribute_refuses_are_refused_listing_the_allowed(
+        tmp_path: Path, key: str, value: str) -> None:
+    from circuitray import attribution
+
+    allowed = {"method": attribution.METHODS, "ablation": attribution.DATASET_ABLATIONS,
+               "metric": attribution.METRICS, "dtype": attribution.DTYPES}[key]
+    with pytest.raises(ConfigError) as info:
+        load_job_config(CONF / "tiny.yaml", [f"attribution.{key}={value}"], base=tmp_path)
+    msg = str(info.value)
+    assert f"'attribution.{key}'" in msg and repr(value) in msg
+    assert all(a in msg for a in allowed), msg
+
+
+def test_corrupted_ablation_is_refused_for_the_job_saying_why(tmp_path: Path) -> None:
+    """The API keeps 'corrupted' (with corrupted_batches); a job has no paired images."""
+    with pytest.raises(ConfigError, match=r"'attribution.ablation': 'corrupted' needs paired "
+                                          r"corrupted images"):
+        load_job_config(CONF / "tiny.yaml", ["attribution.ablation=corrupted"], base=tmp_path)
+
+
+def test_fp64_from_the_config_runs_a_float32_model_in_float64_and_restores_it(
+        tmp_path: Path) -> None:
+    """attribution.dtype=fp64 gives the scores of the model's float64 copy (oracle precision)
+    and leaves the caller's float32 model as it was, also when attribution fails."""
+    import copy
+    import dataclasses
+
+    import numpy as np
+    import torch
+    from _tiny import images, tiny_vit
+
+    from circuitray import attribute
+    from circuitray.errors import InputError
+
+    cfg = load_job_config(CONF / "tiny.yaml", ["attribution.dtype=fp64"], base=tmp_path)
+    kwargs = dataclasses.asdict(cfg.attribution)
+    model, x = tiny_vit(dtype=torch.float32), images(n=3, dtype=torch.float32)
+    before = copy.deepcopy(model.state_dict())
+    got = attribute(model, [x], **kwargs)
+    want = attribute(copy.deepcopy(model).double(), [x.double()], **{**kwargs, "dtype": "fp32"})
+    np.testing.assert_array_equal(got.scores, want.scores)
+    fp32 = attribute(model, [x], **{**kwargs, "dtype": "fp32"})
+    assert not np.array_equal(got.scores, fp32.scores)  # float32 rounding differs
+    with pytest.raises(InputError, match="NaN"):
+        attribute(model, [x.clone().fill_(float("nan"))], **kwargs)
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
