@@ -178,10 +178,11 @@ def evaluate(frame: pd.DataFrame, *, metrics: Sequence[str], target: str,
 
     Returns long rows: the `by` columns, `metric`, `level` ("group" for one group, "mean" for
     averages), n / n_groups, each stat with _lo/_hi, and `reason`. Means: per `average_by`
-    key over its groups, then "all" (every `by` column "all") = the mean of those per-key
-    means, so each key (task) counts once however many groups it has; without `average_by`,
-    "all" is the mean over the groups. A mean row's n is the rows behind it, n_groups the
-    groups (or, for "all" over keys, the keys) averaged. See `_average` for the intervals.
+    key over its groups, then "all" (every `by` column "all") = the mean over tasks (the
+    first `average_by` column) of each task's mean over its keys, so a task counts once
+    however many groups or keys it has; without `average_by`, "all" is the mean over the
+    groups. A mean row's n is the rows behind it; n_groups the groups averaged, for "all"
+    with `average_by` the tasks. See `_average` and `_mean_replicates` for the intervals.
     """
     by = list(by)
     require_columns(frame, [*by, target, *metrics], "evaluation frame")
@@ -203,6 +204,13 @@ def evaluate(frame: pd.DataFrame, *, metrics: Sequence[str], target: str,
                      ignore_index=True)
 
 
+def _nanmean0(stack: np.ndarray) -> np.ndarray:
+    """Mean over axis 0 ignoring NaN; NaN (no warning) where every entry is NaN."""
+    ok = np.isfinite(stack)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok, stack, 0.0).sum(axis=0) / ok.sum(axis=0)
+
+
 def _mean_replicates(stack: np.ndarray, resample: str, rng: np.random.Generator | None
                      ) -> np.ndarray:
     """[B+1, stats] replicates of the mean over groups, from their [G, B+1, stats] ones.
@@ -214,7 +222,7 @@ def _mean_replicates(stack: np.ndarray, resample: str, rng: np.random.Generator 
     whose interval shrinks with the number of groups, and the estimate falls outside it.
     """
     if resample == "points" or len(stack) == 1:  # one model: only its own points vary
-        return np.nanmean(stack, axis=0)
+        return _nanmean0(stack)
     est = stack[:, 0, :]
     ok = np.isfinite(est)
     w = _weights(len(est), stack.shape[1] - 1, rng)  # [B+1, G]; row 0: the groups themselves
@@ -242,9 +250,10 @@ def _mean_row(label: dict, stacks: list[np.ndarray | None], n: int, resample: st
 
 def _average(table: pd.DataFrame, reps: dict, by: list[str], keep: list[str], ci: float,
              resample: str, seed: int) -> pd.DataFrame:
-    """Mean rows per `keep` key, then "all" as the mean of the per-key means (keys are
-    disjoint strata, so their replicates average index by index); without `keep`, "all"
-    is the mean over the groups, resampled as `resample` says."""
+    """Mean rows per `keep` key, then "all": the mean over `keep[0]` (the task) of each
+    task's mean over its keys, so a task with two OOD-domain keys still counts once (the
+    replicates average index by index: tasks are disjoint strata). Without `keep`, "all" is
+    the mean over the groups, resampled as `resample` says."""
     rows, per_key = [], {}
     metrics = list(dict.fromkeys(table["metric"]))
     keyed = table.groupby(keep, sort=True, dropna=False) if keep else [((), table)]
@@ -257,19 +266,33 @@ def _average(table: pd.DataFrame, reps: dict, by: list[str], keep: list[str], ci
             row, rep = _mean_row(label, stacks, int(grp["n"].sum()), resample,
                                  np.random.default_rng([seed, ki, mi, 1]), ci, "group")
             rows.append(row)
-            per_key.setdefault(m, []).append((rep, row["n"]))
+            per_key.setdefault(m, {}).setdefault(key[0] if key else (), []).append(
+                (rep, row["n"]))
     if keep:
-        for m, parts in per_key.items():
-            row, _ = _mean_row({c: "all" for c in by} | {"metric": m}, [p[0] for p in parts],
-                               sum(p[1] for p in parts), "points", None, ci, "/".join(keep))
+        for m, tasks in per_key.items():
+            stacks = []
+            for parts in tasks.values():  # a task's keys: its mean when any has a value
+                good = [p[0] for p in parts if p[0] is not None]
+                stacks.append(_nanmean0(np.stack(good)) if good else None)
+            n = sum(p[1] for parts in tasks.values() for p in parts)
+            row, _ = _mean_row({c: "all" for c in by} | {"metric": m}, stacks, n, "points",
+                               None, ci, keep[0])
             rows.append(row)
     return pd.DataFrame(rows)
 
 
 def pre_deployment(frame: pd.DataFrame, *, metrics: Sequence[str], target: str = "ood_acc",
-                   **kw) -> pd.DataFrame:
-    """Per task across the zoo (one row per checkpoint), then averaged over tasks."""
-    return evaluate(frame, metrics=metrics, target=target, by=("task",), **kw)
+                   by: Sequence[str] = ("task",), **kw) -> pd.DataFrame:
+    """Per task across the zoo (one row per checkpoint), then averaged over tasks.
+
+    With several OOD domains pass by=("task", "domain"): each (task, OOD domain) is a group,
+    averaged per task (domain "all"), and "all" is the mean over tasks of those means — the
+    same checkpoints seen on two OOD domains make one task, not two. (The per-task mean's
+    interval resamples each OOD domain's checkpoints independently although they are the
+    same checkpoints, so it is somewhat narrower than a paired resample would give.)"""
+    by = tuple(by)
+    return evaluate(frame, metrics=metrics, target=target, by=by, average_by=by[:1] if
+                    len(by) > 1 else (), **kw)
 
 
 def post_deployment(frame: pd.DataFrame, *, metrics: Sequence[str], target: str = "accuracy",
@@ -282,11 +305,12 @@ def post_deployment(frame: pd.DataFrame, *, metrics: Sequence[str], target: str 
 
 
 def within_group(frame: pd.DataFrame, *, metrics: Sequence[str], target: str, group_col: str,
-                 **kw) -> pd.DataFrame:
+                 by: Sequence[str] = ("task",), **kw) -> pd.DataFrame:
     """Correlations among models that share a training-data setting (`group_col`), averaged
-    over settings per task: a metric that only separates settings scores near zero here."""
-    out = evaluate(frame, metrics=metrics, target=target, by=("task", group_col),
-                   average_by=("task",), **kw)
+    over settings per `by` key (task, or task × OOD domain): a metric that only separates
+    settings scores near zero here."""
+    out = evaluate(frame, metrics=metrics, target=target, by=(*by, group_col),
+                   average_by=tuple(by), **kw)
     return out[out.level == "mean"].drop(columns=[group_col]).reset_index(drop=True)
 
 

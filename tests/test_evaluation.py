@@ -306,3 +306,23 @@ def test_post_deployment_mean_of_one_model_keeps_that_models_interval() -> None:
     assert mean.level == "mean"
     assert (mean.srcc_lo, mean.srcc_hi) == pytest.approx((group.srcc_lo, group.srcc_hi))
     assert mean.srcc_lo < mean.srcc_hi
+
+
+def test_pre_deployment_with_several_ood_domains_counts_each_task_once() -> None:
+    """Task 'bg' seen on two OOD domains, 'patch' on one: the mean over tasks is
+    mean(mean(bg on d0, bg on d1), patch), not the mean of three groups."""
+    f = zoo(n=16)
+    f = pd.concat([f.assign(domain="d0"), f[f.task == "bg"].assign(
+        domain="d1", ood_acc=lambda d: d.ood_acc[::-1].to_numpy())], ignore_index=True)
+    out = pre_deployment(f, metrics=["ddb_out_0.3"], by=("task", "domain"), n_boot=100)
+    g = out[out.level == "group"].set_index(["task", "domain"]).composite
+    assert len(g) == 3
+    per_task = out[(out.level == "mean") & (out.task != "all")].set_index("task")
+    assert set(per_task.domain) == {"all"}
+    assert per_task.loc["bg", "composite"] == pytest.approx(g["bg"].mean())
+    assert per_task.loc["bg", "n_groups"] == 2
+    overall = out[out.task == "all"].iloc[0]
+    assert overall.domain == "all" and overall.n_groups == 2
+    assert overall.composite == pytest.approx((g["bg"].mean() + g[("patch", "d0")]) / 2)
+    assert overall.composite != pytest.approx(g.mean())
+    assert _outside(out) == []
