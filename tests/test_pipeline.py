@@ -223,3 +223,44 @@ def test_transient_write_error_is_retried_inside_the_task(tmp_path: Path, monkey
     result = discover.discover_checkpoint(manifest_rows(cfg)[0], cfg)
     assert result["status"] == "done"
     assert calls[0] == calls[1]  # the same file, written again after the error
+
+
+@pytest.mark.slow
+def test_two_ood_domains_make_figures_per_group_and_count_each_task_once(
+        tmp_path: Path, local_ray) -> None:
+    """data.ood_domains=[ood, ood2]: the same 4 checkpoints on two OOD domains. Before, the
+    task was rewritten to "toy:ood", edge paths were built from it (figures skipped: "no
+    such table") and the mean over "tasks" averaged toy:ood and toy:ood2 (n=8 checkpoints)."""
+    import shutil
+
+    import numpy as np
+
+    from circuitray.runtime.layout import safe_name
+
+    manifest = write_checkpoints(tmp_path, 4)
+    shutil.copytree(tmp_path / "data" / "ood", tmp_path / "data" / "ood2")
+    cfg = _config(tmp_path, manifest, "data.ood_domains=[ood, ood2]", "data.shift_kinds=[]",
+                  "data.proxy_kinds=[]", "tracking.enabled=false")
+    result = run_pipeline(cfg).reduce
+    assert not [n for n in result.notes if "no such table" in n or n.startswith("figures")]
+    names = {p.name for p in result.figures}
+    for group in ("toy:ood", "toy:ood2"):
+        assert f"ood_vs_ddb_{safe_name(group)}.png" in names
+        assert f"lambda_{safe_name(group)}.png" in names
+    assert "circuit.png" in names
+
+    models = result.frames["models"]
+    assert set(models.task) == {"toy"} and len(models) == 8
+    assert set(models.eval_group) == {"toy:ood", "toy:ood2"}
+    pre = result.frames["pre_deployment"]
+    assert set(pre.loc[pre.level == "group", "domain"]) == {"ood", "ood2"}
+    task_mean = pre[(pre.level == "mean") & (pre.task == "toy")]
+    overall = pre[pre.task == "all"]
+    assert (task_mean.domain == "all").all() and (task_mean.n_groups == 2).all()
+    assert (overall.n_groups == 1).all()  # one task, however many OOD domains
+    pd_all = overall.set_index("metric").composite
+    np.testing.assert_allclose(pd_all, task_mean.set_index("metric").composite[pd_all.index])
+    report = format_report(result.frames)
+    assert "task toy, OOD domain ood2, n=4 checkpoints" in report
+    assert "task toy, mean over its 2 OOD domains, n=4 checkpoints" in report
+    assert "mean over 2 tasks" not in report and "n=8" not in report
