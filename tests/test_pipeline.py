@@ -264,3 +264,39 @@ def test_two_ood_domains_make_figures_per_group_and_count_each_task_once(
     assert "task toy, OOD domain ood2, n=4 checkpoints" in report
     assert "task toy, mean over its 2 OOD domains, n=4 checkpoints" in report
     assert "mean over 2 tasks" not in report and "n=8" not in report
+
+
+def test_every_printed_estimate_lies_within_its_printed_interval() -> None:
+    """n ≥ 10: 2 tasks × 150 models × 10 shifted domains, and 2 tasks × 30 checkpoints.
+    Before post-deployment means resampled models, the mean over tasks printed
+    '+0.721 [+0.66,+0.71]' here (intervals are printed to 2 decimals: ±0.005 allowed)."""
+    import re
+
+    import numpy as np
+    import pandas as pd
+
+    from circuitray.evaluation import post_deployment, pre_deployment
+
+    rng = np.random.default_rng(0)
+    post_rows, pre_rows = [], []
+    for task in ("bg", "patch"):
+        for c in range(150):
+            noise = rng.uniform(0.02, 0.3)
+            for d, a in enumerate(rng.uniform(0.3, 0.95, 10)):
+                post_rows.append({"task": task, "checkpoint": f"m{c}", "domain": f"d{d}",
+                                  "accuracy": a, "css_srcc": 1 - a + noise * rng.normal(),
+                                  "rankme": a + noise * rng.normal()})
+        for c in range(30):
+            ood = rng.uniform(0.4, 0.9)
+            pre_rows.append({"task": task, "checkpoint": f"c{c}", "ood_acc": ood,
+                             "ddb_out_0.3": ood + 0.2 * rng.normal(), "ac": rng.normal()})
+    frames = {
+        "pre_deployment": pre_deployment(pd.DataFrame(pre_rows), metrics=["ddb_out_0.3", "ac"],
+                                         n_boot=200),
+        "post_deployment": post_deployment(pd.DataFrame(post_rows),
+                                           metrics=["css_srcc", "rankme"], n_boot=200)}
+    report = format_report(frames)
+    cells = re.findall(r"([+-]\d\.\d{3}) \[([+-]\d\.\d\d),([+-]\d\.\d\d)\]", report)
+    assert len(cells) == 4 * (3 + 3) * 2  # 4 stats × (2 tasks + mean) × 2 metrics, pre + post
+    outside = [c for c in cells if not float(c[1]) - 0.005 <= float(c[0]) <= float(c[2]) + 0.005]
+    assert outside == []
