@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -170,14 +171,18 @@ def _stats_with_replicates(x: np.ndarray, y: np.ndarray, sign: int, n_boot: int,
 
 def evaluate(frame: pd.DataFrame, *, metrics: Sequence[str], target: str,
              by: Sequence[str] = ("task",), average_by: Sequence[str] | None = (),
+             resample: Literal["points", "groups"] = "points",
              n_boot: int = 1000, seed: int = 0, ci: float = 0.95, min_n: int = 4
              ) -> pd.DataFrame:
     """Statistics of every metric against `target` within each `by` group, then averaged.
 
     Returns long rows: the `by` columns, `metric`, `level` ("group" for one group, "mean" for
-    averages over groups — per `average_by` columns, and over everything with those columns
-    set to "all"), n / n_groups, each stat with _lo/_hi, and `reason`. The average's interval
-    averages the groups' bootstrap replicates index by index (independent resamples).
+    averages), n / n_groups, each stat with _lo/_hi, and `reason`. Means: per `average_by`
+    key over its groups, then "all" (every `by` column "all") = the mean over tasks (the
+    first `average_by` column) of each task's mean over its keys, so a task counts once
+    however many groups or keys it has; without `average_by`, "all" is the mean over the
+    groups. A mean row's n is the rows behind it; n_groups the groups averaged, for "all"
+    with `average_by` the tasks. See `_average` and `_mean_replicates` for the intervals.
     """
     by = list(by)
     require_columns(frame, [*by, target, *metrics], "evaluation frame")
@@ -195,56 +200,117 @@ def evaluate(frame: pd.DataFrame, *, metrics: Sequence[str], target: str,
     table = pd.DataFrame(rows)
     if average_by is None:
         return table
-    averages = [_average(table, reps, by, list(average_by), ci)]
-    if list(average_by):
-        averages.append(_average(table, reps, by, [], ci))
-    return pd.concat([table, *averages], ignore_index=True)
+    return pd.concat([table, _average(table, reps, by, list(average_by), ci, resample, seed)],
+                     ignore_index=True)
 
 
-def _average(table: pd.DataFrame, reps: dict, by: list[str], keep: list[str], ci: float
-             ) -> pd.DataFrame:
-    rows = []
-    for key, grp in table.groupby([*keep, "metric"], sort=False):
+def _nanmean0(stack: np.ndarray) -> np.ndarray:
+    """Mean over axis 0 ignoring NaN; NaN (no warning) where every entry is NaN."""
+    ok = np.isfinite(stack)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok, stack, 0.0).sum(axis=0) / ok.sum(axis=0)
+
+
+def _mean_replicates(stack: np.ndarray, resample: str, rng: np.random.Generator | None
+                     ) -> np.ndarray:
+    """[B+1, stats] replicates of the mean over groups, from their [G, B+1, stats] ones.
+
+    "points": average the groups' own replicates index by index (a stratified bootstrap:
+    each group's points resampled, its statistic recomputed). "groups": the groups are the
+    sampled units (models), so resample them and average their full-sample statistics;
+    averaging their replicates instead carries each small group's bootstrap bias into a mean
+    whose interval shrinks with the number of groups, and the estimate falls outside it.
+    """
+    if resample == "points" or len(stack) == 1:  # one model: only its own points vary
+        return _nanmean0(stack)
+    est = stack[:, 0, :]
+    ok = np.isfinite(est)
+    w = _weights(len(est), stack.shape[1] - 1, rng)  # [B+1, G]; row 0: the groups themselves
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (w @ np.where(ok, est, 0.0)) / (w @ ok)
+
+
+def _mean_row(label: dict, stacks: list[np.ndarray | None], n: int, resample: str,
+              rng: np.random.Generator | None, ci: float, what: str
+              ) -> tuple[dict, np.ndarray | None]:
+    """One "mean" row over `stacks` (None: a group without a value) and its replicates."""
+    good = [s for s in stacks if s is not None]
+    row = label | {"level": "mean", "n_groups": len(good), "n": n}
+    if not good:
+        row |= {f"{s}{x}": np.nan for s in STATS for x in ("", "_lo", "_hi")}
+        return row | {"reason": f"no {what} could be evaluated ({len(stacks)} tried)"}, None
+    mean = _mean_replicates(np.stack(good), resample, rng)
+    lo, hi = np.nanpercentile(mean[1:], [50 * (1 - ci), 50 * (1 + ci)], axis=0)
+    for i, s in enumerate(STATS):
+        row[s], row[f"{s}_lo"], row[f"{s}_hi"] = mean[0, i], lo[i], hi[i]
+    skipped = len(stacks) - len(good)
+    row["reason"] = f"{skipped} {what}(s) without a value left out" if skipped else ""
+    return row, mean
+
+
+def _average(table: pd.DataFrame, reps: dict, by: list[str], keep: list[str], ci: float,
+             resample: str, seed: int) -> pd.DataFrame:
+    """Mean rows per `keep` key, then "all": the mean over `keep[0]` (the task) of each
+    task's mean over its keys, so a task with two OOD-domain keys still counts once (the
+    replicates average index by index: tasks are disjoint strata). Without `keep`, "all" is
+    the mean over the groups, resampled as `resample` says."""
+    rows, per_key = [], {}
+    metrics = list(dict.fromkeys(table["metric"]))
+    keyed = table.groupby(keep, sort=True, dropna=False) if keep else [((), table)]
+    for ki, (key, part) in enumerate(keyed):
         key = key if isinstance(key, tuple) else (key,)
-        good = [r for _, r in grp.iterrows() if reps[(tuple(r[c] for c in by), r["metric"])]
-                is not None]
-        row = {c: "all" for c in by} | dict(zip([*keep, "metric"], key, strict=True))
-        row |= {"level": "mean", "n_groups": len(good), "n": int(grp["n"].sum())}
-        skipped = len(grp) - len(good)
-        if not good:
-            row |= {f"{s}{x}": np.nan for s in STATS for x in ("", "_lo", "_hi")}
-            row["reason"] = f"no group could be evaluated ({len(grp)} tried)"
-        else:
-            stack = np.stack([reps[(tuple(r[c] for c in by), r["metric"])] for r in good])
-            mean = np.nanmean(stack, axis=0)  # [B+1, stats]
-            lo, hi = np.nanpercentile(mean[1:], [50 * (1 - ci), 50 * (1 + ci)], axis=0)
-            for i, s in enumerate(STATS):
-                row[s], row[f"{s}_lo"], row[f"{s}_hi"] = mean[0, i], lo[i], hi[i]
-            row["reason"] = f"{skipped} group(s) without a value left out" if skipped else ""
-        rows.append(row)
+        for mi, m in enumerate(metrics):
+            grp = part[part.metric == m]
+            stacks = [reps[(tuple(r[c] for c in by), m)] for _, r in grp.iterrows()]
+            label = {c: "all" for c in by} | dict(zip(keep, key, strict=True)) | {"metric": m}
+            row, rep = _mean_row(label, stacks, int(grp["n"].sum()), resample,
+                                 np.random.default_rng([seed, ki, mi, 1]), ci, "group")
+            rows.append(row)
+            per_key.setdefault(m, {}).setdefault(key[0] if key else (), []).append(
+                (rep, row["n"]))
+    if keep:
+        for m, tasks in per_key.items():
+            stacks = []
+            for parts in tasks.values():  # a task's keys: its mean when any has a value
+                good = [p[0] for p in parts if p[0] is not None]
+                stacks.append(_nanmean0(np.stack(good)) if good else None)
+            n = sum(p[1] for parts in tasks.values() for p in parts)
+            row, _ = _mean_row({c: "all" for c in by} | {"metric": m}, stacks, n, "points",
+                               None, ci, keep[0])
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
 def pre_deployment(frame: pd.DataFrame, *, metrics: Sequence[str], target: str = "ood_acc",
-                   **kw) -> pd.DataFrame:
-    """Per task across the zoo (one row per checkpoint), then averaged over tasks."""
-    return evaluate(frame, metrics=metrics, target=target, by=("task",), **kw)
+                   by: Sequence[str] = ("task",), **kw) -> pd.DataFrame:
+    """Per task across the zoo (one row per checkpoint), then averaged over tasks.
+
+    With several OOD domains pass by=("task", "domain"): each (task, OOD domain) is a group,
+    averaged per task (domain "all"), and "all" is the mean over tasks of those means — the
+    same checkpoints seen on two OOD domains make one task, not two. (The per-task mean's
+    interval resamples each OOD domain's checkpoints independently although they are the
+    same checkpoints, so it is somewhat narrower than a paired resample would give.)"""
+    by = tuple(by)
+    return evaluate(frame, metrics=metrics, target=target, by=by, average_by=by[:1] if
+                    len(by) > 1 else (), **kw)
 
 
 def post_deployment(frame: pd.DataFrame, *, metrics: Sequence[str], target: str = "accuracy",
                     **kw) -> pd.DataFrame:
-    """Per model across its shifted domains (one row per checkpoint × domain), averaged per
-    task and over everything."""
+    """Per model across its shifted domains (one row per checkpoint × domain), averaged over
+    the task's models, then over tasks ("all": each task once). The means' intervals
+    resample models: the reported mean of per-model statistics is what is bootstrapped."""
     return evaluate(frame, metrics=metrics, target=target, by=("task", "checkpoint"),
-                    average_by=("task",), **kw)
+                    average_by=("task",), resample="groups", **kw)
 
 
 def within_group(frame: pd.DataFrame, *, metrics: Sequence[str], target: str, group_col: str,
-                 **kw) -> pd.DataFrame:
+                 by: Sequence[str] = ("task",), **kw) -> pd.DataFrame:
     """Correlations among models that share a training-data setting (`group_col`), averaged
-    over settings per task: a metric that only separates settings scores near zero here."""
-    out = evaluate(frame, metrics=metrics, target=target, by=("task", group_col),
-                   average_by=("task",), **kw)
+    over settings per `by` key (task, or task × OOD domain): a metric that only separates
+    settings scores near zero here."""
+    out = evaluate(frame, metrics=metrics, target=target, by=(*by, group_col),
+                   average_by=tuple(by), **kw)
     return out[out.level == "mean"].drop(columns=[group_col]).reset_index(drop=True)
 
 

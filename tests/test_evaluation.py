@@ -231,3 +231,98 @@ def test_direction_patterns_do_not_swallow_other_columns() -> None:
     for name in ("accuracy", "ood_acc", "temperature", "nuclear_lo", "n_examples"):
         with pytest.raises(MetricError):
             direction(name)
+
+
+def _outside(table: pd.DataFrame) -> list[str]:
+    """'<task>/<metric>/<stat>' of every finite estimate outside its finite [lo, hi]."""
+    bad = []
+    for _, row in table.iterrows():
+        for s in ("r", "r2_signed", "srcc", "krcc", "composite"):
+            v, lo, hi = row[s], row[f"{s}_lo"], row[f"{s}_hi"]
+            if np.isfinite([v, lo, hi]).all() and not lo <= v <= hi:
+                bad.append(f"{row.task}/{row.metric}/{s}: {v:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    return bad
+
+
+def shifted_zoo(n_models: int, n_domains: int, seed: int = 0) -> pd.DataFrame:
+    """Models × shifted domains whose metrics follow accuracy with model-specific noise."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for task in ("bg", "patch"):
+        for c in range(n_models):
+            noise = rng.uniform(0.02, 0.3)
+            for d, a in enumerate(rng.uniform(0.3, 0.95, n_domains)):
+                rows.append({"task": task, "checkpoint": f"m{c}", "domain": f"d{d}",
+                             "accuracy": a, "css_srcc": 1 - a + noise * rng.normal(),
+                             "rankme": a + noise * rng.normal()})
+    return pd.DataFrame(rows)
+
+
+def test_post_deployment_mean_estimates_lie_inside_their_intervals() -> None:
+    """The per-model statistics' mean is bootstrapped by resampling models. Averaging the
+    models' own (small-n, biased) bootstrap replicates instead put 4 of 30 estimates here
+    outside their intervals, e.g. the mean over tasks of css_srcc: srcc +0.732 [+0.680, +0.723]."""
+    f = shifted_zoo(n_models=150, n_domains=10)
+    out = post_deployment(f, metrics=["css_srcc", "rankme"], n_boot=200)
+    means = out[out.level == "mean"]
+    assert len(means) == 6 and (means.n_groups >= 2).all()
+    assert _outside(means) == []
+    task = means[(means.task == "bg") & (means.metric == "css_srcc")].iloc[0]
+    per_model = out[(out.level == "group") & (out.task == "bg") & (out.metric == "css_srcc")]
+    assert task.srcc == pytest.approx(per_model.srcc.mean())
+    assert task.srcc_hi - task.srcc_lo < 0.1  # 150 models: a tight interval, not a wide one
+
+
+def test_pre_deployment_estimates_lie_inside_their_intervals() -> None:
+    rng = np.random.default_rng(8)
+    frames = []
+    for t in range(4):
+        ood = rng.uniform(0.4, 0.9, 30)
+        frames.append(pd.DataFrame({
+            "task": f"t{t}", "checkpoint": [f"c{i}" for i in range(30)], "ood_acc": ood,
+            "ddb_out_0.3": ood + rng.uniform(0.01, 0.3) * rng.normal(size=30),
+            "id_acc": ood + 0.1 * rng.normal(size=30), "ac": rng.normal(size=30)}))
+    out = pre_deployment(pd.concat(frames, ignore_index=True),
+                         metrics=["ddb_out_0.3", "id_acc", "ac"], n_boot=200)
+    assert len(out[out.level == "mean"]) == 3
+    assert _outside(out) == []
+
+
+def test_post_deployment_all_averages_each_task_once() -> None:
+    """'all' is the mean of the per-task means: a task with 3× the models weighs the same."""
+    big, small = shifted_zoo(n_models=12, n_domains=6, seed=1), shifted_zoo(4, 6, seed=2)
+    f = pd.concat([big[big.task == "bg"], small[small.task == "patch"]], ignore_index=True)
+    out = post_deployment(f, metrics=["css_srcc"], n_boot=50)
+    means = out[out.level == "mean"].set_index("task")
+    assert means.loc["all", "srcc"] == pytest.approx(means.loc[["bg", "patch"], "srcc"].mean())
+    assert means.loc["all", "n_groups"] == 2 and means.loc["bg", "n_groups"] == 12
+    assert means.loc["all", "n"] == 16 * 6
+
+
+def test_post_deployment_mean_of_one_model_keeps_that_models_interval() -> None:
+    f = shifted_zoo(n_models=1, n_domains=8)
+    out = post_deployment(f[f.task == "bg"], metrics=["css_srcc"], n_boot=50)
+    group, mean = out[out.level == "group"].iloc[0], out[out.task == "bg"].iloc[-1]
+    assert mean.level == "mean"
+    assert (mean.srcc_lo, mean.srcc_hi) == pytest.approx((group.srcc_lo, group.srcc_hi))
+    assert mean.srcc_lo < mean.srcc_hi
+
+
+def test_pre_deployment_with_several_ood_domains_counts_each_task_once() -> None:
+    """Task 'bg' seen on two OOD domains, 'patch' on one: the mean over tasks is
+    mean(mean(bg on d0, bg on d1), patch), not the mean of three groups."""
+    f = zoo(n=16)
+    f = pd.concat([f.assign(domain="d0"), f[f.task == "bg"].assign(
+        domain="d1", ood_acc=lambda d: d.ood_acc[::-1].to_numpy())], ignore_index=True)
+    out = pre_deployment(f, metrics=["ddb_out_0.3"], by=("task", "domain"), n_boot=100)
+    g = out[out.level == "group"].set_index(["task", "domain"]).composite
+    assert len(g) == 3
+    per_task = out[(out.level == "mean") & (out.task != "all")].set_index("task")
+    assert set(per_task.domain) == {"all"}
+    assert per_task.loc["bg", "composite"] == pytest.approx(g["bg"].mean())
+    assert per_task.loc["bg", "n_groups"] == 2
+    overall = out[out.task == "all"].iloc[0]
+    assert overall.domain == "all" and overall.n_groups == 2
+    assert overall.composite == pytest.approx((g["bg"].mean() + g[("patch", "d0")]) / 2)
+    assert overall.composite != pytest.approx(g.mean())
+    assert _outside(out) == []

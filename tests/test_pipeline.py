@@ -223,3 +223,80 @@ def test_transient_write_error_is_retried_inside_the_task(tmp_path: Path, monkey
     result = discover.discover_checkpoint(manifest_rows(cfg)[0], cfg)
     assert result["status"] == "done"
     assert calls[0] == calls[1]  # the same file, written again after the error
+
+
+@pytest.mark.slow
+def test_two_ood_domains_make_figures_per_group_and_count_each_task_once(
+        tmp_path: Path, local_ray) -> None:
+    """data.ood_domains=[ood, ood2]: the same 4 checkpoints on two OOD domains. Before, the
+    task was rewritten to "toy:ood", edge paths were built from it (figures skipped: "no
+    such table") and the mean over "tasks" averaged toy:ood and toy:ood2 (n=8 checkpoints)."""
+    import shutil
+
+    import numpy as np
+
+    from circuitray.runtime.layout import safe_name
+
+    manifest = write_checkpoints(tmp_path, 4)
+    shutil.copytree(tmp_path / "data" / "ood", tmp_path / "data" / "ood2")
+    cfg = _config(tmp_path, manifest, "data.ood_domains=[ood, ood2]", "data.shift_kinds=[]",
+                  "data.proxy_kinds=[]", "tracking.enabled=false")
+    result = run_pipeline(cfg).reduce
+    assert not [n for n in result.notes if "no such table" in n or n.startswith("figures")]
+    names = {p.name for p in result.figures}
+    for group in ("toy:ood", "toy:ood2"):
+        assert f"ood_vs_ddb_{safe_name(group)}.png" in names
+        assert f"lambda_{safe_name(group)}.png" in names
+    assert "circuit.png" in names
+
+    models = result.frames["models"]
+    assert set(models.task) == {"toy"} and len(models) == 8
+    assert set(models.eval_group) == {"toy:ood", "toy:ood2"}
+    pre = result.frames["pre_deployment"]
+    assert set(pre.loc[pre.level == "group", "domain"]) == {"ood", "ood2"}
+    task_mean = pre[(pre.level == "mean") & (pre.task == "toy")]
+    overall = pre[pre.task == "all"]
+    assert (task_mean.domain == "all").all() and (task_mean.n_groups == 2).all()
+    assert (overall.n_groups == 1).all()  # one task, however many OOD domains
+    pd_all = overall.set_index("metric").composite
+    np.testing.assert_allclose(pd_all, task_mean.set_index("metric").composite[pd_all.index])
+    report = format_report(result.frames)
+    assert "task toy, OOD domain ood2, n=4 checkpoints" in report
+    assert "task toy, mean over its 2 OOD domains, n=4 checkpoints" in report
+    assert "mean over 2 tasks" not in report and "n=8" not in report
+
+
+def test_every_printed_estimate_lies_within_its_printed_interval() -> None:
+    """n ≥ 10: 2 tasks × 150 models × 10 shifted domains, and 2 tasks × 30 checkpoints.
+    Before post-deployment means resampled models, the mean over tasks printed
+    '+0.721 [+0.66,+0.71]' here (intervals are printed to 2 decimals: ±0.005 allowed)."""
+    import re
+
+    import numpy as np
+    import pandas as pd
+
+    from circuitray.evaluation import post_deployment, pre_deployment
+
+    rng = np.random.default_rng(0)
+    post_rows, pre_rows = [], []
+    for task in ("bg", "patch"):
+        for c in range(150):
+            noise = rng.uniform(0.02, 0.3)
+            for d, a in enumerate(rng.uniform(0.3, 0.95, 10)):
+                post_rows.append({"task": task, "checkpoint": f"m{c}", "domain": f"d{d}",
+                                  "accuracy": a, "css_srcc": 1 - a + noise * rng.normal(),
+                                  "rankme": a + noise * rng.normal()})
+        for c in range(30):
+            ood = rng.uniform(0.4, 0.9)
+            pre_rows.append({"task": task, "checkpoint": f"c{c}", "ood_acc": ood,
+                             "ddb_out_0.3": ood + 0.2 * rng.normal(), "ac": rng.normal()})
+    frames = {
+        "pre_deployment": pre_deployment(pd.DataFrame(pre_rows), metrics=["ddb_out_0.3", "ac"],
+                                         n_boot=200),
+        "post_deployment": post_deployment(pd.DataFrame(post_rows),
+                                           metrics=["css_srcc", "rankme"], n_boot=200)}
+    report = format_report(frames)
+    cells = re.findall(r"([+-]\d\.\d{3}) \[([+-]\d\.\d\d),([+-]\d\.\d\d)\]", report)
+    assert len(cells) == 4 * (3 + 3) * 2  # 4 stats × (2 tasks + mean) × 2 metrics, pre + post
+    outside = [c for c in cells if not float(c[1]) - 0.005 <= float(c[0]) <= float(c[2]) + 0.005]
+    assert outside == []

@@ -170,3 +170,56 @@ def test_same_size_but_different_edge_set_is_a_mismatch_too() -> None:
     df.loc[row, "dst_depth"] = 2
     with pytest.raises(TableError, match="checkpoint 'ck', domain 'ood'.*different edge set"):
         shift_scores(df, id_domain="id")
+
+
+def _weighted_graph_with_isolated_nodes(n_isolated: int) -> nx.Graph:
+    rng = np.random.default_rng(3)
+    g = nx.gnm_random_graph(30, 80, seed=4)
+    for u, v in g.edges:
+        g[u][v]["weight"] = float(rng.uniform(0.1, 2.0))
+    g.remove_nodes_from([n for n in list(g) if g.degree(n) == 0])
+    g.add_nodes_from(f"isolated{i}" for i in range(n_isolated))
+    return g
+
+
+@pytest.mark.parametrize("n_isolated", [1, 3])
+def test_isolated_nodes_get_eigenvalue_zero_and_heat_trace_equals_netlsd(n_isolated: int) -> None:
+    """An isolated node's normalized-Laplacian row is zero (networkx, scipy.sparse.csgraph and
+    netlsd agree), so it adds e^0 = 1 to the heat trace; eigenvalue 1 put it 50% off."""
+    import scipy.sparse.csgraph
+
+    g = _weighted_graph_with_isolated_nodes(n_isolated)
+    eigs = normalized_laplacian_eigenvalues(g)
+    want = np.sort(np.linalg.eigvalsh(
+        scipy.sparse.csgraph.laplacian(nx.to_numpy_array(g), normed=True)))
+    np.testing.assert_allclose(eigs, want, atol=1e-10)
+    assert (np.abs(eigs) < 1e-10).sum() == n_isolated + nx.number_connected_components(
+        g.subgraph(n for n in g if g.degree(n) > 0))
+    np.testing.assert_allclose(heat_trace(eigs), netlsd.heat(g, normalization="empty"),
+                               rtol=1e-9)
+
+
+def test_graph_variants_with_a_dead_head_equal_netlsd_and_csgraph() -> None:
+    """Zero-score edges in the top-n leave their nodes isolated (weight 0): the netlsd and
+    laplacian CSS variants must then equal the reference libraries on circuit_graph."""
+    import scipy.sparse.csgraph
+
+    rng = np.random.default_rng(7)
+    a, b = circuit(rng.standard_normal(N_EDGES)), circuit(rng.standard_normal(N_EDGES))
+    for df, dead in ((a, ("a1.h1", "m2")), (b, ("a1.h1",))):
+        touches = df.src.isin(dead) | df.dst.map(lambda d: d.split("<")[0]).isin(dead)
+        df.loc[touches, "score"] = 0.0
+    ga, gb = circuit_graph(a, N_EDGES), circuit_graph(b, N_EDGES)
+    assert "m2" in ga and ga.degree("m2", weight="weight") == 0
+    want = np.linalg.norm(netlsd.heat(ga, normalization="empty")
+                          - netlsd.heat(gb, normalization="empty"))
+    assert circuit_shift_score(a, b, variant="netlsd", top_n=N_EDGES) == pytest.approx(want)
+
+    def eigs(g: nx.Graph) -> np.ndarray:
+        lap = scipy.sparse.csgraph.laplacian(nx.to_numpy_array(g), normed=True)
+        return np.sort(np.linalg.eigvalsh(lap))
+
+    k = 20
+    want = np.linalg.norm(eigs(ga)[:k] - eigs(gb)[:k])
+    assert circuit_shift_score(a, b, variant="laplacian", top_n=N_EDGES, k_eigs=k) == \
+        pytest.approx(want, abs=1e-9)

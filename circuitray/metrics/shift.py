@@ -91,11 +91,16 @@ def _as_symmetric(graph: nx.Graph | np.ndarray) -> np.ndarray:
 
 
 def normalized_laplacian_eigenvalues(graph: nx.Graph | np.ndarray) -> np.ndarray:
-    """Ascending eigenvalues of I − D^{-1/2} A D^{-1/2} (isolated nodes: D^{-1/2} = 0)."""
+    """Ascending eigenvalues of D^{-1/2} (D − A) D^{-1/2}.
+
+    An isolated (zero-degree) node has a zero row and column, so eigenvalue 0, as in netlsd,
+    networkx and scipy.sparse.csgraph: `I − D^{-1/2} A D^{-1/2}` would give it 1 and put the
+    heat trace 50% off with one isolated node. Zero-score edges in a top-n circuit make them.
+    """
     adj = _as_symmetric(graph)
     deg = adj.sum(axis=1)
     inv_sqrt = np.divide(1.0, np.sqrt(deg), out=np.zeros_like(deg), where=deg > 0)
-    lap = np.eye(len(adj)) - inv_sqrt[:, None] * adj * inv_sqrt[None, :]
+    lap = np.diag((deg > 0).astype(np.float64)) - inv_sqrt[:, None] * adj * inv_sqrt[None, :]
     if len(adj) == 0:
         return np.zeros(0)
     return scipy.linalg.eigvalsh(lap, driver="evd")

@@ -91,12 +91,38 @@ def _stat_block(table: pd.DataFrame, title: str, paper: dict[str, float]) -> lis
     return lines
 
 
-def _task_order(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """Each task, then the mean over tasks ("all") only when there are several."""
-    groups = dict(list(table.groupby("task", sort=True)))
-    tasks = [t for t in groups if t != "all"]
-    return [(t, groups[t]) for t in tasks] + (
-        [("all", groups["all"])] if "all" in groups and len(tasks) > 1 else [])
+def _n(part: pd.DataFrame) -> int:
+    return int(part["n"].max()) if "n" in part and len(part) else 0
+
+
+def _task_order(table: pd.DataFrame) -> list[tuple[str, int, pd.DataFrame]]:
+    """(label, checkpoints, rows) of each task — or each task × OOD domain, then the task's
+    mean over its OOD domains — then the mean over tasks ("all") when there are several.
+
+    "all" averages tasks, each once (evaluation.evaluate); its checkpoint count sums the
+    tasks', so checkpoints seen on two OOD domains count once, not twice.
+    """
+    several = "domain" in table.columns
+    tasks = sorted(t for t in table["task"].unique() if t != "all")
+    out, total = [], 0
+    for t in tasks:
+        part = table[table["task"] == t]
+        if not several:
+            out.append((f"task {t}", _n(part), part))
+            total += _n(part)
+            continue
+        groups = part[part["domain"] != "all"]
+        for d, g in groups.groupby("domain", sort=True):
+            out.append((f"task {t}, OOD domain {d}", _n(g), g))
+        n_domains = groups["domain"].nunique()
+        if n_domains > 1:
+            out.append((f"task {t}, mean over its {n_domains} OOD domains", _n(groups),
+                        part[part["domain"] == "all"]))
+        total += _n(groups)
+    if (table["task"] == "all").any() and len(tasks) > 1:
+        out.append((f"mean over {len(tasks)} tasks, each once", total,
+                    table[table["task"] == "all"]))
+    return out
 
 
 def format_report(frames: dict[str, pd.DataFrame]) -> str:
@@ -107,16 +133,13 @@ def format_report(frames: dict[str, pd.DataFrame]) -> str:
     out: list[str] = []
     pre = frames.get("pre_deployment")
     if pre is not None and not pre.empty:
-        for task, part in _task_order(pre):
-            n = int(part["n"].max()) if "n" in part else 0
-            label = "mean over tasks" if task == "all" else f"task {task}"
+        for label, n, part in _task_order(pre):
             out += _stat_block(part, f"\nPRE-DEPLOYMENT: metric vs OOD accuracy across the zoo "
                                      f"({label}, n={n} checkpoints)", PAPER_RESULTS["pre"])
     post = frames.get("post_deployment")
     if post is not None and not post.empty:
         means = post[(post.level == "mean") & (post.checkpoint == "all")]
-        for task, part in _task_order(means):
-            label = "mean over tasks" if task == "all" else f"task {task}"
+        for label, _, part in _task_order(means):
             out += _stat_block(part, f"\nPOST-DEPLOYMENT: metric vs shifted-domain accuracy, per "
                                      f"model then averaged ({label})", PAPER_RESULTS["post"])
     alarm = frames.get("alarm")

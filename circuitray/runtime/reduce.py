@@ -187,18 +187,26 @@ def _hyper(manifest: pd.DataFrame) -> pd.DataFrame:
     return manifest[keep].rename(columns={"checkpoint_id": "checkpoint"})
 
 
+def group_labels(rows: pd.DataFrame) -> pd.Series:
+    """Label of each row's evaluation group: the task, or "<task>:<domain>" for a task seen
+    on several OOD domains. Only a label (figure names, titles): `task` stays the real task,
+    which file paths need."""
+    several = rows.groupby("task")["domain"].transform("nunique") > 1
+    return rows["task"].where(~several, rows["task"] + ":" + rows["domain"])
+
+
 def _model_frame(frame: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
     """Pre-deployment rows: one per final checkpoint × OOD domain, with id_acc and ood_acc.
 
-    Several OOD domains become separate evaluation groups (task "<task>:<ood domain>").
+    Several OOD domains become separate evaluation groups: `domain` is the OOD domain and
+    `eval_group` the group's label (`group_labels`); `task` is never rewritten.
     """
     ids = frame[frame.role == "id"][["task", "checkpoint", "accuracy"]].rename(
         columns={"accuracy": "id_acc"})
     ood = frame[frame.role == "ood"].rename(columns={"accuracy": "ood_acc"})
     ood = ood.drop(columns=[c for c in ("id_acc",) if c in ood]).merge(
         ids, on=["task", "checkpoint"], how="left")
-    if ood.groupby("task")["domain"].nunique().gt(1).any():
-        ood["task"] = ood["task"] + ":" + ood["domain"]
+    ood["eval_group"] = group_labels(ood)
     hyper = _hyper(manifest).drop(columns=["task"], errors="ignore")
     hyper = hyper.drop(columns=[c for c in hyper.columns if c in ood and c != "checkpoint"])
     return ood.merge(hyper, on="checkpoint", how="left")
@@ -227,13 +235,16 @@ def evaluate_all(frame: pd.DataFrame, models: pd.DataFrame, cfg: JobConfig,
                    if not m.startswith(("lam_", "css_", "bbsd_", "mmd"))]
     out: dict[str, pd.DataFrame] = {}
     if not models.empty:
+        # several OOD domains: groups per (task, domain), and "all" still averages tasks
+        by = ("task", "domain") if models.groupby("task")["domain"].nunique().gt(1).any() \
+            else ("task",)
         pre = _safe(lambda: ev.pre_deployment(models, metrics=pre_metrics, target="ood_acc",
-                                              **kw), notes, "pre-deployment evaluation")
+                                              by=by, **kw), notes, "pre-deployment evaluation")
         if pre is not None:
             out["pre_deployment"] = pre
         if r.group_column and r.group_column in models:
             wg = _safe(lambda: ev.within_group(models, metrics=pre_metrics, target="ood_acc",
-                                               group_col=r.group_column, **kw),
+                                               group_col=r.group_column, by=by, **kw),
                        notes, "within-group evaluation")
             if wg is not None:
                 out["within_group"] = wg
@@ -241,7 +252,8 @@ def evaluate_all(frame: pd.DataFrame, models: pd.DataFrame, cfg: JobConfig,
         base = [m for m in pre_metrics if not ev.is_circuit_metric(m)]
         if circuit and base:
             pc = _safe(lambda: ev.partial_correlations(models, circuit_metrics=circuit,
-                                                       baselines=base, target="ood_acc", **kw),
+                                                       baselines=base, target="ood_acc", by=by,
+                                                       **kw),
                        notes, "partial correlations")
             if pc is not None:
                 out["partial"] = pc
@@ -279,7 +291,8 @@ def motifs(models: pd.DataFrame, notes: list[str]) -> dict[str, Any]:
     d = int(round(len(lam_cols) ** 0.5))
     names = [f"lam_{i}_{j}" for i in range(d) for j in range(d)]
     found, rows, weights = {}, [], []
-    for task, grp in models.groupby("task", sort=True):
+    label = "eval_group" if "eval_group" in models else "task"
+    for task, grp in models.groupby(label, sort=True):
         lam = grp[names].to_numpy(np.float64).reshape(-1, d, d)
         size = int(np.isfinite(lam).all(axis=0).all(axis=1).sum())  # crop NaN padding
         m = _safe(lambda lam=lam, size=size, grp=grp, task=task: cca_motif(
@@ -308,7 +321,8 @@ def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
     """Every figure DESIGN §6 asks for that the data at hand supports.
 
     `frame` holds all domains of final checkpoints and ID/OOD rows of intermediate ones;
-    `models` one row per final checkpoint (× OOD domain).
+    `models` one row per final checkpoint (× OOD domain). Per-group figures are named by
+    the group's label (`group_labels`); file paths use the real task.
     """
     from circuitray import plots
 
@@ -321,7 +335,8 @@ def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
     best = []
     if results is not None and "kind" in results:  # sorted by pre-deployment composite
         best = [m for m in results[results.kind == "baseline"].metric if m in final][:3]
-    for task, part in (final.groupby("task") if ddb in final else []):
+    final = final.assign(eval_group=group_labels(final)) if not final.empty else final
+    for task, part in (final.groupby("eval_group") if ddb in final else []):
         # tasks are never pooled: the sign of DDB depends on where the spurious cue lives
         paths.append(plots.scatter_panels(part, [ddb, *best], "ood_acc",
                                           fig_dir / f"ood_vs_ddb_{safe_name(task)}.png",
@@ -331,7 +346,7 @@ def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
     if lam_cols and not final.empty:
         d = int(round(len(lam_cols) ** 0.5))
         names = [f"lam_{i}_{j}" for i in range(d) for j in range(d)]
-        for task, part in final.groupby("task"):
+        for task, part in final.groupby("eval_group"):
             mean = np.nanmean(part[names].to_numpy(float), axis=0).reshape(d, d)
             paths.append(plots.heatmap(mean, fig_dir / f"lambda_{safe_name(task)}.png",
                                        title=f"mean Λ on OOD data, {task}"))
@@ -367,7 +382,8 @@ def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
                           if c in _hyper(manifest)]], on="checkpoint", how="left")
     if {"epoch", "parent_id"} <= set(inter.columns) and ddb in inter and \
             inter.groupby("parent_id").size().gt(1).any():
-        for task, part in inter.dropna(subset=["epoch"]).groupby("task"):
+        inter = inter.assign(eval_group=group_labels(inter))
+        for task, part in inter.dropna(subset=["epoch"]).groupby("eval_group"):
             paths.append(plots.trajectories(
                 part, "epoch", ddb, "parent_id",
                 fig_dir / f"ddb_over_training_{safe_name(task)}.png",
