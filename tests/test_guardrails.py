@@ -389,3 +389,29 @@ def test_config_yaml_is_written_under_the_lock(tmp_path: Path, monkeypatch) -> N
     pipeline.run_pipeline(cfg)
     assert seen == {"lock": True, "config": True}
     assert _temporaries(tmp_path / "job") == []
+
+
+def test_sigterm_ends_the_job_through_its_cleanup_and_releases_the_lock(
+        tmp_path: Path, monkeypatch) -> None:
+    """`ray job stop` sends SIGTERM: the job must leave through its `finally`s (lock removed,
+    MLflow run marked KILLED), not vanish holding the lock."""
+    import signal
+
+    from circuitray.runtime import pipeline
+
+    manifest = write_checkpoints(tmp_path, 1)
+    cfg = load_job_config(CONF, [f"manifest={manifest}", f"output_dir={tmp_path / 'job'}",
+                                 "stages=[discover]"])
+
+    def stopped(cfg):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not interrupt the job")
+
+    monkeypatch.setattr(pipeline, "run_discover", stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as info:
+        pipeline.run_pipeline(cfg)
+    assert info.value.code == 128 + signal.SIGTERM
+    assert not (tmp_path / "job" / LOCK_NAME).exists()
+    assert signal.getsignal(signal.SIGTERM) is before
