@@ -52,3 +52,53 @@ class MetricError(CircuitrayError):
 
 class StaleResultError(CircuitrayError):
     """Stored results do not match the current config or are damaged (names them)."""
+
+
+# errno -> what a user should read; anything else falls back to the system's own words
+_OS_REASONS = {
+    "ENOSPC": "disk full (no space left on the device)",
+    "EDQUOT": "disk quota exceeded",
+    "EROFS": "read-only file system",
+    "EACCES": "permission denied",
+    "EPERM": "permission denied",
+    "ENOTDIR": "a part of the path is a file, not a folder",
+    "EEXIST": "is a file, not a folder",
+    "EISDIR": "is a folder, not a file",
+    "ENAMETOOLONG": "name too long",
+}
+
+
+def os_error_reason(exc: OSError) -> str:
+    """A few words on why a write failed ("disk full", "read-only file system", ...)."""
+    import errno
+
+    name = errno.errorcode.get(exc.errno or -1)
+    return _OS_REASONS.get(name or "", exc.strerror or str(exc) or type(exc).__name__)
+
+
+def os_error_is_permanent(exc: OSError) -> bool:
+    """A full disk or a read-only folder stays so: retrying cannot help (unlike EIO, ESTALE)."""
+    import errno
+
+    return errno.errorcode.get(exc.errno or -1, "") in _OS_REASONS
+
+
+class OutputError(CircuitrayError):
+    """The job cannot write where it was told to (names the path and why, in words)."""
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"cannot write {path}: {reason}")
+
+    @classmethod
+    def from_os_error(cls, path: str | object, exc: OSError) -> OutputError:
+        """`path` is what the user asked for (not a temporary name the OS may report)."""
+        return cls(str(path), os_error_reason(exc))
+
+
+class JobLockedError(CircuitrayError):
+    """Another job holds the output folder's lock (names the holder and the lock file)."""
+
+    def __init__(self, path: str, holder: str, hint: str):
+        self.path, self.holder = str(path), holder
+        super().__init__(f"output folder is in use: {path} is held by {holder}; {hint}")

@@ -183,15 +183,27 @@ def _absolute(path: str | None, base: Path) -> str | None:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
+def _output_dir(path: str, base: Path) -> str:
+    """The absolute local output folder; a URI other than file:// is refused, since workers
+    write with local file I/O and `s3://b/run` would silently become the folder `s3:/b/run`."""
+    if "://" in path and not path.startswith("file://"):
+        scheme = path.split("://", 1)[0]
+        raise ConfigError(f"config key 'output_dir': {path!r} is a '{scheme}://' URI; circuitray "
+                          "writes only to a local or mounted folder (every worker node must "
+                          "see it), e.g. the bucket mounted at /mnt/...")
+    return str(_absolute(path.removeprefix("file://"), base))
+
+
 def load_job_config(path: str | Path | None, overrides: Sequence[str] = (), *,
                     base: str | Path | None = None) -> JobConfig:
     """Load, validate and absolutize a job config; relative paths resolve against `base` (cwd)."""
     cfg = load_config(JobConfig, path, overrides)
+    base = Path(base or Path.cwd())
     try:
         check_job_config(cfg)
+        output_dir = _output_dir(cfg.output_dir, base)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from exc
-    base = Path(base or Path.cwd())
     data = dataclasses.replace(cfg.data, root=_absolute(cfg.data.root, base))
     return dataclasses.replace(cfg, manifest=_absolute(cfg.manifest, base),
-                               output_dir=_absolute(cfg.output_dir, base), data=data)
+                               output_dir=output_dir, data=data)

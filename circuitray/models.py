@@ -19,12 +19,56 @@ from typing import Any
 import pandas as pd
 import torch
 
-from circuitray.errors import CheckpointError, DataError
+from circuitray.errors import CheckpointError, ConfigError, DataError
 
 REQUIRED_COLUMNS = ("checkpoint_id", "task", "arch", "arch_kwargs", "weights", "num_classes")
 OPTIONAL_COLUMNS = ("data_root", "id_domain", "ood_domain", "id_acc", "ood_acc", "epoch", "final")
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+# The architecture-shape arguments of timm's VisionTransformer a manifest may set. Anything
+# else would reach timm.create_model's loaders (checkpoint_path, pretrained_cfg_overlay naming
+# a file or URL, cache_dir), swap in code (norm_layer, block_fn, ...) or place the model
+# (device, dtype): a manifest row may describe a shape, never where weights or code come from.
+ARCH_KWARGS_ALLOWED = frozenset({
+    "img_size", "patch_size", "in_chans", "global_pool", "embed_dim", "depth", "num_heads",
+    "mlp_ratio", "qkv_bias", "qk_norm", "scale_attn_norm", "scale_mlp_norm", "proj_bias",
+    "init_values", "class_token", "pos_embed", "no_embed_class", "reg_tokens", "pre_norm",
+    "final_norm", "fc_norm", "pool_include_prefix", "dynamic_img_size", "dynamic_img_pad",
+    "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
+    "drop_path_rate",
+})
+# VisionTransformer.__init__ parameters left out on purpose (tests check that every parameter
+# of the installed timm is in exactly one of the two sets) and timm.create_model's loading
+# arguments, with the reason the error gives.
+ARCH_KWARGS_REFUSED = {
+    "pretrained": "weights come from the manifest's weights column",
+    "checkpoint_path": "a file timm would load; weights come from the manifest's weights "
+                       "column, read safely",
+    "pretrained_cfg": "names weights to download",
+    "pretrained_cfg_overlay": "names weights to download",
+    "cache_dir": "a download folder",
+    "num_classes": "set by the manifest's num_classes column",
+    "weight_init": "weights come from the manifest's weights column",
+    "fix_init": "weights come from the manifest's weights column",
+    "embed_layer": "a class, not a shape", "embed_norm_layer": "a class, not a shape",
+    "norm_layer": "a class, not a shape", "act_layer": "a class, not a shape",
+    "block_fn": "a class, not a shape", "mlp_layer": "a class, not a shape",
+    "attn_layer": "a class, not a shape",
+    "device": "circuitray places the model", "dtype": "circuitray chooses the precision",
+}
+
+
+def check_arch_kwargs(kwargs: Mapping[str, Any], where: str) -> None:
+    """Refuse every key outside ARCH_KWARGS_ALLOWED, naming `where` and the key."""
+    for key in sorted(kwargs):
+        if key in ARCH_KWARGS_ALLOWED:
+            continue
+        why = ARCH_KWARGS_REFUSED.get(key, "not an architecture-shape argument; it could make "
+                                           "timm read files or run code")
+        raise ConfigError(f"{where}: arch_kwargs key '{key}' is not allowed ({why}); allowed: "
+                          f"{', '.join(sorted(ARCH_KWARGS_ALLOWED))}")
 
 
 def _is_uri(path: str) -> bool:
@@ -109,10 +153,19 @@ def build_model(arch: str, arch_kwargs: Mapping[str, Any] | str | None,
     """A timm model with random weights (pretrained=False: nothing is downloaded)."""
     import timm
 
-    kwargs = _parse_kwargs(arch_kwargs, f"architecture '{arch}'")
-    kwargs.pop("pretrained", None)
-    kwargs.pop("num_classes", None)
+    kwargs = shape_kwargs(arch, arch_kwargs)
     return timm.create_model(arch, pretrained=False, num_classes=int(num_classes), **kwargs)
+
+
+def shape_kwargs(arch: str, arch_kwargs: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """`arch_kwargs` as timm kwargs: parsed, a harmless `pretrained: false` and `num_classes`
+    (the manifest column wins) dropped, every other key checked against the allowlist."""
+    kwargs = _parse_kwargs(arch_kwargs, f"architecture '{arch}'")
+    if not kwargs.get("pretrained"):
+        kwargs.pop("pretrained", None)
+    kwargs.pop("num_classes", None)
+    check_arch_kwargs(kwargs, f"architecture '{arch}'")
+    return kwargs
 
 
 def _read_bytes(uri: str) -> bytes:
@@ -175,8 +228,12 @@ def load_checkpoint(row: Mapping[str, Any] | pd.Series) -> torch.nn.Module:
     truncated file, refused pickle, wrong tensor names or shapes, unknown architecture.
     """
     cid, weights = str(row["checkpoint_id"]), str(row["weights"])
+    try:  # before timm sees them: a refused key must not reach its loaders
+        kwargs = shape_kwargs(str(row["arch"]), row["arch_kwargs"])
+    except (ConfigError, DataError) as exc:
+        raise CheckpointError(cid, weights, str(exc)) from exc
     try:
-        model = build_model(str(row["arch"]), row["arch_kwargs"], int(row["num_classes"]))
+        model = build_model(str(row["arch"]), kwargs, int(row["num_classes"]))
     except Exception as exc:
         raise CheckpointError(cid, weights, f"cannot build architecture '{row['arch']}' "
                                             f"with {row['arch_kwargs']}: {exc}") from exc

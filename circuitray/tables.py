@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from circuitray.errors import TableError
+from circuitray.errors import OutputError, TableError, os_error_is_permanent
 
 EDGE_SCHEMA = pa.schema(
     [
@@ -80,20 +80,37 @@ def conform(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
 
 def write_parquet_atomic(table: pa.Table | pd.DataFrame, path: str | os.PathLike,
                          schema: pa.Schema | None = None) -> Path:
-    """Write to a temporary sibling, then rename: readers see all of the file or none of it."""
+    """Write to a temporary sibling, then rename: readers see all of the file or none of it.
+
+    A full disk, a read-only or unwritable folder, or a file where a folder should be raise
+    OutputError naming `path` and the reason in words (retrying cannot help); other OSErrors
+    (a network filesystem's hiccup) propagate for the caller to retry. Either way no
+    temporary is left behind.
+    """
     path = Path(path)
     if isinstance(table, pd.DataFrame):
         table = pa.Table.from_pandas(table, preserve_index=False)
     if schema is not None:
         table = conform(table, schema, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if os_error_is_permanent(exc):
+            raise OutputError.from_os_error(path.parent, exc) from exc
+        raise
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         pq.write_table(table, tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        if os_error_is_permanent(exc):
+            raise OutputError.from_os_error(path, exc) from exc
+        raise
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # the folder went away or read-only: nothing was left there
+            pass
     return path
 
 

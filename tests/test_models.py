@@ -11,8 +11,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from circuitray.errors import CheckpointError, DataError
-from circuitray.models import build_model, iter_checkpoints, load_checkpoint, read_manifest
+from circuitray.errors import CheckpointError, ConfigError, DataError
+from circuitray.models import (
+    ARCH_KWARGS_ALLOWED,
+    ARCH_KWARGS_REFUSED,
+    build_model,
+    iter_checkpoints,
+    load_checkpoint,
+    read_manifest,
+)
 
 ARCH = "vit_tiny_patch16_224"
 KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -170,3 +177,53 @@ def test_weights_from_an_fsspec_uri(tmp_path, model) -> None:
     assert torch.allclose(loaded(x), model(x))
     with pytest.raises(CheckpointError, match="memory://zoo/missing.safetensors"):
         load_checkpoint(_row("memory://zoo/missing.safetensors"))
+
+
+def test_arch_kwargs_checkpoint_path_is_refused_before_timm_reads_it(tmp_path, model,
+                                                                     monkeypatch) -> None:
+    """A manifest's arch_kwargs must not make timm load a file of its choosing."""
+    import timm.models._factory as factory
+
+    opened: list[str] = []
+    monkeypatch.setattr(factory, "load_checkpoint",
+                        lambda model, path, *a, **k: opened.append(str(path)))
+    weights = _save_safetensors(model, tmp_path / "m.safetensors")
+    torch.save(model.state_dict(), tmp_path / "other.pth")
+    row = {**_row(weights, cid="zoo-17"),
+           "arch_kwargs": json.dumps({**KWARGS, "checkpoint_path": str(tmp_path / "other.pth")})}
+    with pytest.raises(CheckpointError, match=r"checkpoint 'zoo-17' \(.*m.safetensors\): "
+                                              r".*arch_kwargs key 'checkpoint_path' is not "
+                                              r"allowed"):
+        load_checkpoint(row)
+    assert opened == [], "the file reached timm's loader"
+    for key, value in (("pretrained_cfg_overlay", {"file": str(tmp_path / "other.pth")}),
+                       ("cache_dir", str(tmp_path)), ("pretrained", True),
+                       ("norm_layer", "layernorm")):
+        with pytest.raises(CheckpointError, match=f"arch_kwargs key '{key}' is not allowed"):
+            load_checkpoint({**row, "arch_kwargs": json.dumps({**KWARGS, key: value})})
+    with pytest.raises(ConfigError, match="architecture 'vit_tiny_patch16_224': arch_kwargs "
+                                          "key 'checkpoint_path'"):
+        build_model(ARCH, {**KWARGS, "checkpoint_path": "x.pth"}, 10)
+    assert opened == []
+
+
+def test_shape_kwargs_still_build_and_pretrained_false_is_harmless(tmp_path, model) -> None:
+    weights = _save_safetensors(model, tmp_path / "m.safetensors")
+    extra = {**KWARGS, "pretrained": False, "num_classes": 10, "mlp_ratio": 4.0,
+             "qkv_bias": True, "drop_path_rate": 0.0, "global_pool": "token"}
+    loaded = load_checkpoint({**_row(weights), "arch_kwargs": json.dumps(extra)})
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(loaded(x), model(x))
+
+
+def test_every_vision_transformer_argument_is_allowed_or_refused_on_purpose() -> None:
+    """A timm upgrade that adds an argument must be classified here, not pass silently."""
+    import inspect
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    params = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self", "kwargs"}
+    assert not ARCH_KWARGS_ALLOWED & set(ARCH_KWARGS_REFUSED)
+    assert params - ARCH_KWARGS_ALLOWED - set(ARCH_KWARGS_REFUSED) == set()
+    loaders = {"checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"}
+    assert loaders <= set(ARCH_KWARGS_REFUSED)

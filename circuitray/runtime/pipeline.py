@@ -6,20 +6,30 @@ Shared by `jobs/pipeline.py` (what `ray job submit` runs), `circuitray run` and
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
 
 from circuitray.config import to_dict
+from circuitray.errors import OutputError, os_error_is_permanent
 from circuitray.job_config import JobConfig, load_job_config
 from circuitray.runtime.discover import DiscoverSummary, run_discover
 from circuitray.runtime.layout import JobLayout
+from circuitray.runtime.lock import JobLock
+from circuitray.runtime.outputdir import check_output_dir
 from circuitray.runtime.reduce import ReduceResult, run_reduce
+from circuitray.tables import FAILURE_SCHEMA, read_parquet_or_empty
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,15 +43,78 @@ class PipelineResult:
 
 
 def run_pipeline(cfg: JobConfig, *, force_reduce: bool = False) -> PipelineResult:
-    """Run the configured stages; the resolved config is saved beside the tables."""
-    layout = JobLayout.of(cfg.output_dir)
-    layout.root.mkdir(parents=True, exist_ok=True)
-    (layout.root / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    print(f"[circuitray] job '{cfg.name}': manifest {cfg.manifest} -> {layout.root}",
-          file=sys.stderr, flush=True)
-    disc = run_discover(cfg) if "discover" in cfg.stages else None
-    red = run_reduce(cfg, force=force_reduce) if "reduce" in cfg.stages else None
+    """Run the configured stages; the resolved config is saved beside the tables.
+
+    Before Ray starts: the output folder is checked (a URI, a file or an unwritable folder
+    is refused, naming it) and locked against a second job. A full disk or an unwritable
+    subfolder stops the job with OutputError naming the path; what was complete stays
+    complete, so a re-run resumes.
+    """
+    root = check_output_dir(cfg.output_dir)
+    cfg = dataclasses.replace(cfg, output_dir=str(root))
+    layout = JobLayout.of(root)
+    with JobLock(root, cfg.name), _sigterm_exits():
+        try:
+            _write_text_atomic(layout.root / "config.yaml",
+                               yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            print(f"[circuitray] job '{cfg.name}': manifest {cfg.manifest} -> {layout.root}",
+                  file=sys.stderr, flush=True)
+            disc = run_discover(cfg) if "discover" in cfg.stages else None
+            if disc is not None:
+                _stop_on_output_errors(layout, disc)
+            red = run_reduce(cfg, force=force_reduce) if "reduce" in cfg.stages else None
+        except OSError as exc:  # a write outside tables.py: name the path, not a traceback
+            if not os_error_is_permanent(exc):
+                raise
+            raise OutputError.from_os_error(exc.filename or layout.root, exc) from exc
     return PipelineResult(cfg, disc, red)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError.from_os_error(path, exc) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def _stop_on_output_errors(layout: JobLayout, disc: DiscoverSummary) -> None:
+    """Checkpoints that failed because their tables could not be written (disk full,
+    read-only) are not the checkpoints' fault: stop before reduce instead of reporting them
+    as bad checkpoints. Complete ones keep their markers, so a re-run resumes."""
+    if not disc.failed:
+        return
+    failures = read_parquet_or_empty(layout.failures, FAILURE_SCHEMA).to_pandas()
+    bad = failures[failures.checkpoint.isin(disc.failed)
+                   & (failures.error_type == "OutputError")]
+    if bad.empty:
+        return
+    first = str(bad.error.iloc[0]).splitlines()[0]
+    raise OutputError(layout.root, f"{len(bad)} checkpoint(s) could not write their tables "
+                                   f"({first}); fix that and run again: complete checkpoints "
+                                   "are kept")
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM (`ray job stop`, a scheduler's kill) raises SystemExit, so the lock is released
+    and the MLflow run is marked KILLED on the way out (Ray's driver does the same)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
