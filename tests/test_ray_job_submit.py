@@ -172,7 +172,7 @@ def test_ray_job_submit_on_loopback_cluster_writes_tables_and_mlflow_runs(tmp_pa
 
         status = JobSubmissionClient(address, headers=auth).get_job_status("tiny-job")
         assert status == JobStatus.SUCCEEDED, log[-4000:]
-        assert "[discover] 3 checkpoints" in log  # the job's own output came back
+        assert "[plan] 3 checkpoints" in log  # the job's own output came back
         listening = _listening(head.pid)
         assert len({pid for pid, *_ in listening}) >= 4, listening  # GCS, raylet, dashboard, ...
         exposed = [x for x in listening if not _is_loopback(x[2])]
