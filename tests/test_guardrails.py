@@ -195,10 +195,12 @@ def test_disk_full_during_discover_fails_the_write_stage_and_a_rerun_resumes(
         tmp_path: Path) -> None:
     """A checkpoint whose tables do not fit: its failure row names the file and 'disk full',
     nothing half-written remains, and after space is freed a re-run completes it."""
-    from circuitray.runtime.discover import discover_checkpoint, manifest_rows
+    from circuitray.runtime.discover import discover_checkpoint
+    from circuitray.runtime.plan import manifest_rows
 
     manifest = write_checkpoints(tmp_path, 1)
-    with _tmpfs(tmp_path / "disk", "16k") as disk:  # room for the first domain only
+    # room for the image-validation cache (2 pages) and the first domain only
+    with _tmpfs(tmp_path / "disk", "24k") as disk:
         cfg = load_job_config(CONF, [f"manifest={manifest}", f"output_dir={disk / 'job'}",
                                      "data.shift_kinds=[]", "data.proxy_kinds=[]"])
         row = manifest_rows(cfg)[0]
@@ -207,10 +209,10 @@ def test_disk_full_during_discover_fails_the_write_stage_and_a_rerun_resumes(
         assert result["error_type"] == "OutputError" and "disk full" in result["error"]
         assert str(disk / "job") in result["error"]
         layout = JobLayout.of(cfg.output_dir)
-        assert not layout.is_complete("ckpt0") and _temporaries(disk) == []
+        assert not layout.marker("ckpt0").exists() and _temporaries(disk) == []
         subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
         again = discover_checkpoint(row, cfg)
-        assert again["status"] == "done" and layout.is_complete("ckpt0")
+        assert again["status"] == "done" and layout.marker("ckpt0").exists()
         marker = pq.read_table(layout.marker("ckpt0")).to_pandas()
         assert marker.set_index("domain").resumed.to_dict() == {"id": True, "ood": False}
 
