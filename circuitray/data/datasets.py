@@ -27,7 +27,7 @@ from circuitray.errors import DataError
 
 UNLABELED = -1
 
-_INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
+INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
            "nearest": InterpolationMode.NEAREST, "lanczos": InterpolationMode.LANCZOS}
 
 
@@ -51,7 +51,7 @@ class ImageTransform:
         image = image.convert("RGB")
         h, w = self.size
         if (image.height, image.width) != (h, w):
-            interp = _INTERP.get(self.interpolation, InterpolationMode.BICUBIC)
+            interp = INTERPOLATIONS.get(self.interpolation, InterpolationMode.BICUBIC)
             scale = (int(h / self.crop_pct), int(w / self.crop_pct))
             image = TF.resize(image, list(scale) if h != w else scale[0], interpolation=interp)
             image = TF.center_crop(image, [h, w])
