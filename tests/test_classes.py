@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow.parquet as pq
 import pytest
+from _jobdata import write_checkpoints
 from PIL import Image
 
 from circuitray.data.classes import (
@@ -15,7 +18,11 @@ from circuitray.data.classes import (
     store_class_map,
 )
 from circuitray.errors import CheckpointError, DataError
+from circuitray.job_config import load_job_config
+from circuitray.runtime.discover import discover_checkpoint, manifest_rows
+from circuitray.runtime.layout import JobLayout
 
+CONF = Path(__file__).resolve().parents[1] / "conf" / "tiny.yaml"
 NO_CFG = SimpleNamespace(class_map=None)
 
 
@@ -108,3 +115,82 @@ def test_stored_map_is_written_once_and_a_different_one_is_refused(tmp_path) -> 
                                         r".*now \['dog', 'cat'\] \(from manifest column classes"):
         store_class_map(path, "toy", ClassMap(("dog", "cat"), "manifest column classes"))
     assert not list(path.parent.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------- through discover (inline)
+
+
+def _job(tmp_path: Path, *extra: str):
+    manifest = write_checkpoints(tmp_path, 1)
+    cfg = load_job_config(CONF, [f"manifest={manifest}", f"output_dir={tmp_path / 'job'}",
+                                 "data.shift_kinds=[]", "data.proxy_kinds=[]", *extra])
+    return manifest, cfg
+
+
+def test_discover_refuses_an_empty_extra_ood_folder_instead_of_shifting_labels(
+        tmp_path: Path) -> None:
+    _, cfg = _job(tmp_path)
+    data = Path(manifest_rows(cfg)[0]["data_root"])
+    (data / "ood" / "00").mkdir()
+    result = discover_checkpoint(manifest_rows(cfg)[0], cfg)
+    assert result["status"] == "failed" and result["stage"] == "data"
+    assert result["error_type"] == "DataError" and "ood/00: empty class folder" in result["error"]
+    assert not JobLayout.of(cfg.output_dir).is_complete("ckpt0")
+
+
+def test_discover_refuses_an_ood_class_the_id_domain_lacks(tmp_path: Path) -> None:
+    _, cfg = _job(tmp_path)
+    data = Path(manifest_rows(cfg)[0]["data_root"])
+    _domain(data, "ood", {"2": 1})
+    result = discover_checkpoint(manifest_rows(cfg)[0], cfg)
+    assert result["status"] == "failed"
+    assert "ood/2: class folder '2' is not in the class map ['0', '1']" in result["error"]
+
+
+def test_discover_honours_a_non_sorted_manifest_class_order(tmp_path: Path) -> None:
+    import pandas as pd
+
+    manifest, cfg = _job(tmp_path, "data.limit=null", "data.attribution_limit=4")
+    df = pd.read_csv(manifest)
+    df["classes"] = json.dumps(["1", "0"])
+    df.to_csv(manifest, index=False)
+    result = discover_checkpoint(manifest_rows(cfg)[0], cfg)
+    assert result["status"] == "done", result
+    layout = JobLayout.of(cfg.output_dir)
+    out = pq.read_table(layout.outputs_file("toy", "ckpt0", "id")).to_pandas()
+    # data/id/0/*.png sort before data/id/1/*.png; with classes ["1", "0"] they are label 1
+    assert out.label.tolist() == [1] * 8 + [0] * 8
+    assert json.loads(layout.class_map_file("toy").read_text())["classes"] == ["1", "0"]
+    marker = pq.read_table(layout.marker("ckpt0")).to_pandas()
+    assert set(marker.class_source) == {"manifest column classes"}
+
+
+def test_discover_checks_the_class_count_against_the_head(tmp_path: Path) -> None:
+    import pandas as pd
+
+    manifest, cfg = _job(tmp_path)
+    df = pd.read_csv(manifest)
+    df["classes"] = json.dumps(["0", "1", "2"])
+    df.to_csv(manifest, index=False)
+    result = discover_checkpoint(manifest_rows(cfg)[0], cfg)
+    assert result["status"] == "failed" and result["error_type"] == "CheckpointError"
+    assert "checkpoint 'ckpt0'" in result["error"] and "head has 2 outputs" in result["error"]
+
+
+@pytest.mark.slow
+def test_pipeline_records_a_stray_ood_folder_as_a_failure_naming_it(tmp_path: Path) -> None:
+    import ray
+
+    from circuitray.runtime.discover import read_failures
+    from circuitray.runtime.pipeline import run_pipeline
+
+    manifest, cfg = _job(tmp_path, "stages=[discover]")
+    (Path(manifest_rows(cfg)[0]["data_root"]) / "ood" / "00").mkdir()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        result = run_pipeline(cfg)
+    finally:
+        ray.shutdown()
+    assert result.discover.failed == ["ckpt0"] and result.discover.done == []
+    failure = read_failures(JobLayout.of(cfg.output_dir)).to_dict("records")[0]
+    assert failure["stage"] == "data" and "ood/00: empty class folder" in failure["error"]

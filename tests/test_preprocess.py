@@ -9,14 +9,19 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
+from _jobdata import write_checkpoints
 from safetensors.torch import save_file
 
 from circuitray.data.preprocess import resolve_preprocessing
 from circuitray.errors import CheckpointError, ConfigError
 from circuitray.job_config import load_job_config
 from circuitray.models import build_model, load_checkpoint
+from circuitray.runtime.discover import discover_checkpoint, manifest_rows
+from circuitray.runtime.layout import JobLayout
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "tiny.yaml"
 ARCH = "vit_tiny_patch16_224"  # timm default mean/std: 0.5, 0.5
@@ -174,3 +179,70 @@ def test_config_keys_are_validated_naming_the_key(tmp_path) -> None:
     cfg = load_job_config(CONF, [*base, "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.2, 0.2, 0.2]",
                                  "data.class_map=classes.txt"], base=tmp_path)
     assert cfg.data.std == [0.2, 0.2, 0.2] and cfg.data.class_map == str(tmp_path / "classes.txt")
+
+
+# ------------------------------------------------------------------- end to end
+
+
+def _hub_config(manifest: Path, mean: list[float], std: list[float]) -> None:
+    (manifest.parent / "weights" / "config.json").write_text(json.dumps(
+        {"architecture": "vit_tiny_patch16_224", "pretrained_cfg": {"mean": mean, "std": std}}))
+
+
+def test_discover_uses_and_records_the_checkpoints_normalization(tmp_path: Path) -> None:
+    """The outputs are the model's logits on images normalized the checkpoint's way."""
+    from circuitray.data.datasets import DomainFolderDataset, ImageTransform
+
+    manifest = write_checkpoints(tmp_path, 1)
+    _hub_config(manifest, *IMAGENET)
+    cfg = load_job_config(CONF, [f"manifest={manifest}", f"output_dir={tmp_path / 'job'}",
+                                 "data.shift_kinds=[]", "data.proxy_kinds=[]",
+                                 "data.limit=null", "data.attribution_limit=4"])
+    row = manifest_rows(cfg)[0]
+    assert discover_checkpoint(row, cfg)["status"] == "done"
+    layout = JobLayout.of(cfg.output_dir)
+    marker = pq.read_table(layout.marker("ckpt0")).to_pandas()
+    assert set(marker.norm_source) == {
+        f"checkpoint config.json {manifest.parent / 'weights' / 'config.json'}"}
+    assert [list(v) for v in marker["mean"]] == [IMAGENET[0]] * 2
+    assert [list(v) for v in marker["std"]] == [IMAGENET[1]] * 2
+    out = pq.read_table(layout.outputs_file("toy", "ckpt0", "id")).to_pandas()
+    model = load_checkpoint(row)
+    tf = ImageTransform(size=(16, 16), mean=tuple(IMAGENET[0]), std=tuple(IMAGENET[1]))
+    ds = DomainFolderDataset(row["data_root"], "id", tf, classes=["0", "1"])
+    with torch.no_grad():
+        expected = model(torch.stack([ds[i][0] for i in range(len(ds))]))
+    got = torch.from_numpy(np.stack(out.logits.tolist()))
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_pipeline_records_the_normalization_source_in_markers_and_mlflow(tmp_path: Path) -> None:
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from circuitray.runtime.pipeline import run_pipeline
+
+    manifest = write_checkpoints(tmp_path, 2)
+    _hub_config(manifest, *IMAGENET)
+    cfg = load_job_config(CONF, [f"manifest={manifest}", f"output_dir={tmp_path / 'job'}",
+                                 "reduce.figures=false"])
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        result = run_pipeline(cfg)
+    finally:
+        ray.shutdown()
+    assert sorted(result.discover.done) == ["ckpt0", "ckpt1"]
+    layout = JobLayout.of(cfg.output_dir)
+    source = f"checkpoint config.json {manifest.parent / 'weights' / 'config.json'}"
+    for cid in ("ckpt0", "ckpt1"):
+        marker = pq.read_table(layout.marker(cid)).to_pandas()
+        assert set(marker.norm_source) == {source}
+    client = MlflowClient(tracking_uri=f"sqlite:///{layout.root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("circuitray-tiny")
+    children = [r for r in client.search_runs([exp.experiment_id])
+                if "checkpoint" in r.data.tags]
+    assert {r.data.tags["checkpoint"]: r.data.tags["norm_source"] for r in children} == {
+        "ckpt0": source, "ckpt1": source}
+    assert {r.data.tags["class_source"] for r in children} == {
+        f"ID domain folders {Path(manifest_rows(cfg)[0]['data_root']) / 'id'}"}

@@ -143,12 +143,13 @@ def _device(cfg: JobConfig) -> str:
     return "cuda" if cfg.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
-def _loaders(spec: DomainSpec, root: str, transform: Any, cfg: JobConfig) -> tuple[Any, Any]:
+def _loaders(spec: DomainSpec, root: str, transform: Any, cfg: JobConfig,
+             classes: Any) -> tuple[Any, Any]:
     """(outputs loader, attribution loader) over the same seeded subset of the domain."""
     from circuitray.data.datasets import DomainFolderDataset, make_loader
 
     d = cfg.data
-    base = DomainFolderDataset(root, spec.source, transform=transform)
+    base = DomainFolderDataset(root, spec.source, transform=transform, classes=classes)
     data = base
     if spec.kind is not None:
         from circuitray.data.shifts import ShiftedDataset
@@ -179,7 +180,7 @@ def _retry_io(fn: Any, attempts: int = 3, wait_s: float = 0.5) -> Any:
 
 
 def _run_domain(model: Any, spec: DomainSpec, row: Mapping[str, Any], root: str, transform: Any,
-                cfg: JobConfig, layout: JobLayout, device: str) -> dict[str, Any]:
+                cfg: JobConfig, layout: JobLayout, device: str, classes: Any) -> dict[str, Any]:
     """Write one domain's edges and outputs (atomically); return its DOMAIN_SCHEMA row."""
     import circuitray
     from circuitray.outputs import model_outputs
@@ -196,7 +197,7 @@ def _run_domain(model: Any, spec: DomainSpec, row: Mapping[str, Any], root: str,
                 "resumed": True}
     start = time.perf_counter()
     try:
-        out_loader, att_loader = _loaders(spec, root, transform, cfg)
+        out_loader, att_loader = _loaders(spec, root, transform, cfg, classes)
     except Exception as exc:
         raise _StageError("data", exc) from exc
     try:
@@ -261,16 +262,23 @@ def discover_checkpoint(row: Mapping[str, Any], cfg: JobConfig) -> dict[str, Any
         except Exception as exc:
             raise _StageError("load", exc) from exc
         try:
-            from circuitray.data.datasets import eval_transform
+            from circuitray.data.classes import resolve_class_map, store_class_map
+            from circuitray.data.preprocess import provenance, resolve_preprocessing
 
             specs = domain_specs(row, cfg)
-            transform = eval_transform(model)
             root = _data_root(row, cfg)
+            classes = resolve_class_map(row, cfg.data, root, specs[0].source,
+                                        [s.source for s in specs])
+            store_class_map(layout.class_map_file(str(row["task"])), str(row["task"]), classes)
+            transform, norm_source = resolve_preprocessing(row, model, cfg.data,
+                                                           str(row["weights"]))
+            recorded = provenance(transform, norm_source, classes.source)
         except Exception as exc:
             raise _StageError("data", exc) from exc
         rows = []
         for spec in specs:
-            rows.append(_run_domain(model, spec, row, root, transform, cfg, layout, device))
+            rows.append({**_run_domain(model, spec, row, root, transform, cfg, layout, device,
+                                       classes), **recorded})
             print(f"[discover {cid}] {spec.name}: {rows[-1]['n_examples']} examples, "
                   f"{rows[-1]['seconds']:.1f}s{' (resumed)' if rows[-1]['resumed'] else ''}",
                   file=sys.stderr, flush=True)

@@ -5,6 +5,7 @@
     <out>/checkpoints/<checkpoint>.parquet               completion marker: one row per domain
     <out>/failures/<checkpoint>.parquet                  why a checkpoint failed (FAILURE_SCHEMA)
     <out>/running/<checkpoint>.json                      the worker (host, pid) on it right now
+    <out>/classes/<task>.json                            the task's class names in label order
     <out>/metrics/, <out>/evaluation/, <out>/figures/    reduce outputs
     <out>/mlflow.db, <out>/mlartifacts/                  the default MLflow store
 
@@ -38,6 +39,11 @@ DOMAIN_SCHEMA = pa.schema(
         ("n_attributed", pa.int64()),
         ("seconds", pa.float64()),
         ("resumed", pa.bool_()),  # computed by an earlier attempt of this checkpoint
+        # -- per checkpoint (same on each of its rows): what its inputs were prepared with
+        ("norm_source", pa.string()),  # where mean/std came from (circuitray/data/preprocess.py)
+        ("mean", pa.list_(pa.float64())),
+        ("std", pa.list_(pa.float64())),
+        ("class_source", pa.string()),  # where the class -> label map came from
     ]
 )
 
@@ -107,6 +113,10 @@ class JobLayout:
 
     def running_file(self, checkpoint: str) -> Path:
         return self.running / f"{safe_name(checkpoint)}.json"
+
+    def class_map_file(self, task: str) -> Path:
+        """The task's class map, written once by discover (circuitray.data.classes)."""
+        return self.root / "classes" / f"{safe_name(task)}.json"
 
     def is_complete(self, checkpoint: str) -> bool:
         return self.marker(checkpoint).exists()
