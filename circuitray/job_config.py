@@ -37,6 +37,11 @@ class DataConfig:
     proxy_kinds: list[str] = field(default_factory=lambda: ["shot_noise", "brightness"])
     proxy_severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     seed: int = 0
+    # Labels and normalization when neither the checkpoint nor the manifest says (see
+    # circuitray/data/classes.py and preprocess.py for the order of sources).
+    class_map: str | None = None  # text file: one class name per line, in label order
+    mean: list[float] | None = None  # 3 floats for images in [0, 1]
+    std: list[float] | None = None
 
 
 @dataclass
@@ -154,6 +159,16 @@ def check_job_config(cfg: JobConfig) -> JobConfig:
             if kind not in CORRUPTIONS:
                 raise ConfigError(f"config key '{key}[{i}]': unknown corruption '{kind}'; "
                                   f"known: {list(CORRUPTIONS)}")
+    if (d.mean is None) != (d.std is None):
+        raise ConfigError(f"config key 'data.{'std' if d.std is None else 'mean'}': data.mean "
+                          "and data.std go together; give both or neither")
+    from circuitray.data.preprocess import norm_values_problem
+
+    for key in ("mean", "std"):
+        values = getattr(d, key)
+        problem = norm_values_problem(key, values) if values is not None else None
+        if problem:
+            raise ConfigError(f"config key 'data.{key}': {problem}")
     for i, tau in enumerate(cfg.reduce.taus):
         if not 0 < tau <= 0.5:
             raise ConfigError(f"config key 'reduce.taus[{i}]': tau {tau} not in (0, 0.5]")
@@ -204,6 +219,7 @@ def load_job_config(path: str | Path | None, overrides: Sequence[str] = (), *,
         output_dir = _output_dir(cfg.output_dir, base)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from exc
-    data = dataclasses.replace(cfg.data, root=_absolute(cfg.data.root, base))
+    data = dataclasses.replace(cfg.data, root=_absolute(cfg.data.root, base),
+                               class_map=_absolute(cfg.data.class_map, base))
     return dataclasses.replace(cfg, manifest=_absolute(cfg.manifest, base),
                                output_dir=output_dir, data=data)

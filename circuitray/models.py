@@ -2,16 +2,19 @@
 
 A user's zoo is a manifest (CSV, Parquet or YAML) of checkpoints: id, timm architecture and
 kwargs, weights path, number of classes, task, and any hyperparameter columns. Loading never
-executes pickled code: `.safetensors` is read as raw tensors, and `.pt`/`.pth` only through
-`torch.load(weights_only=True)`. Every tensor's name and shape is checked against the
+executes pickled code: `.safetensors` is read as raw tensors, and `.pt`/`.pth`/`.pth.tar` only
+through `torch.load(weights_only=True)` (plus `argparse.Namespace`, which timm's train.py
+stores as `args`). Every tensor's name and shape is checked against the
 architecture before loading, so a bad checkpoint is reported by id and path, not as a
 mysterious shape error deep inside attribution.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,9 @@ from circuitray.errors import CheckpointError, ConfigError, DataError
 REQUIRED_COLUMNS = ("checkpoint_id", "task", "arch", "arch_kwargs", "weights", "num_classes")
 OPTIONAL_COLUMNS = ("data_root", "id_domain", "ood_domain", "id_acc", "ood_acc", "epoch", "final")
 SAFE_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
+# What a training checkpoint may say about its eval preprocessing (timm's data config keys).
+NORM_KEYS = ("mean", "std", "input_size", "interpolation", "crop_pct")
 
 
 # The architecture-shape arguments of timm's VisionTransformer a manifest may set. Anything
@@ -90,6 +95,13 @@ def _parse_kwargs(value: Any, where: str) -> dict[str, Any]:
     raise DataError(where, f"arch_kwargs must be a JSON object, got {value!r}")
 
 
+def _list_as_json(value: Any) -> Any:
+    """A list cell (YAML list, Parquet array) as JSON text; anything else unchanged."""
+    if getattr(value, "ndim", 0) > 0:
+        value = value.tolist()
+    return json.dumps(value) if isinstance(value, (list, tuple)) else value
+
+
 def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     """Read a checkpoint manifest; resolve relative weight/data paths against its folder.
 
@@ -135,6 +147,9 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
         json.dumps(_parse_kwargs(v, f"{path} checkpoint '{cid}'"), sort_keys=True)
         for v, cid in zip(df["arch_kwargs"], df["checkpoint_id"], strict=True)]
     df["num_classes"] = df["num_classes"].astype(int)
+    for col in ("classes", *NORM_KEYS):  # lists (YAML, Parquet) -> JSON text, like arch_kwargs
+        if col in df.columns:
+            df[col] = [_list_as_json(v) for v in df[col]]
 
     def resolve(p: Any) -> Any:
         if not isinstance(p, str) or not p or _is_uri(p):
@@ -177,20 +192,40 @@ def _read_bytes(uri: str) -> bytes:
         return fh.read()
 
 
+def _suffix(weights: str) -> str:
+    """The format suffix of a weights path; `.pth.tar` (timm train.py's name) counts as one."""
+    name = Path(weights.split("?")[0]).name.lower()
+    return ".pth.tar" if name.endswith(".pth.tar") else Path(name).suffix
+
+
+def _load_pickle(weights: str, *, mmap: bool = False) -> Any:
+    """torch.load with weights_only=True: tensors, containers, and argparse.Namespace only.
+
+    `mmap` (local zip-format files) reads the non-tensor parts without reading the tensors.
+    """
+    src: Any = weights
+    if _is_uri(weights):
+        import io
+
+        src, mmap = io.BytesIO(_read_bytes(weights)), False
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        if mmap:
+            try:
+                return torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+                pass
+        return torch.load(src, map_location="cpu", weights_only=True)
+
+
 def _read_state_dict(weights: str) -> dict[str, torch.Tensor]:
     """Raw tensors from a weights file, without ever running pickled code."""
-    suffix = Path(weights.split("?")[0]).suffix.lower()
+    suffix = _suffix(weights)
     if suffix in SAFE_SUFFIXES:
         from safetensors.torch import load, load_file
 
         return load(_read_bytes(weights)) if _is_uri(weights) else load_file(weights)
     if suffix in PICKLE_SUFFIXES:
-        src: Any = weights
-        if _is_uri(weights):
-            import io
-
-            src = io.BytesIO(_read_bytes(weights))
-        obj = torch.load(src, map_location="cpu", weights_only=True)
+        obj = _load_pickle(weights)
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
                 obj = obj[key]
@@ -198,7 +233,93 @@ def _read_state_dict(weights: str) -> dict[str, torch.Tensor]:
                                                    for v in obj.values()):
             raise ValueError("file holds no state dict of tensors")
         return {k.removeprefix("module."): v for k, v in obj.items()}
-    raise ValueError(f"unknown weights format '{suffix}' (use .safetensors, or .pt/.pth)")
+    raise ValueError(f"unknown weights format '{suffix}' (use .safetensors, or .pt/.pth/.pth.tar)")
+
+
+def _norm_fields(cfg: Any) -> dict[str, Any]:
+    """The NORM_KEYS a config (dict or Namespace) sets; None and '' mean "not set"."""
+    get = cfg.get if isinstance(cfg, Mapping) else (lambda k: getattr(cfg, k, None))
+    fields = {k: get(k) for k in NORM_KEYS if get(k) is not None and get(k) != ""}
+    if "input_size" not in fields and get("img_size"):  # timm train.py's --img-size
+        fields["input_size"] = get("img_size")
+    return fields
+
+
+def _sibling_config(weights: str) -> tuple[dict[str, Any], str] | None:
+    """A hub-layout config.json beside the weights file (timm's `pretrained_cfg` inside)."""
+    if _is_uri(weights):
+        path = weights.split("?")[0].rsplit("/", 1)[0] + "/config.json"
+        try:
+            text = _read_bytes(path).decode()
+        except (FileNotFoundError, OSError):
+            return None
+    else:
+        p = Path(weights).parent / "config.json"
+        if not p.is_file():
+            return None
+        path, text = str(p), p.read_text()
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(cfg, Mapping):
+        return None
+    for part in (cfg.get("pretrained_cfg"), cfg):
+        if isinstance(part, Mapping) and ("mean" in part or "std" in part):
+            return _norm_fields(part), f"checkpoint config.json {path}"
+    if "image_mean" in cfg or "image_std" in cfg:  # Hugging Face image-processor names
+        return ({k: cfg[f"image_{k}"] for k in ("mean", "std") if f"image_{k}" in cfg},
+                f"checkpoint config.json {path}")
+    return None
+
+
+def _safetensors_metadata(weights: str) -> dict[str, str]:
+    """The `__metadata__` of a safetensors header (read alone: 8-byte length, then JSON)."""
+    if _is_uri(weights):
+        import fsspec
+
+        with fsspec.open(weights, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            header = fh.read(n)
+    else:
+        with open(weights, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            header = fh.read(n)
+    meta = json.loads(header).get("__metadata__") or {}
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def read_checkpoint_preprocessing(weights: str) -> tuple[dict[str, Any], str] | None:
+    """What the checkpoint itself says about its eval preprocessing, and where it says it.
+
+    Looked up in order: a hub-layout `config.json` beside the weights (`pretrained_cfg` or
+    top-level `mean`/`std`), the safetensors header metadata (`mean`, `std`, ... as JSON
+    strings, or a JSON `pretrained_cfg`), a torch training checkpoint's `args` (timm
+    train.py's Namespace) or `pretrained_cfg`. Returns ({key: value} over NORM_KEYS, source)
+    or None when the checkpoint says nothing; values are not validated here.
+    """
+    found = _sibling_config(weights)
+    if found is not None:
+        return found
+    suffix = _suffix(weights)
+    if suffix in SAFE_SUFFIXES:
+        meta = _safetensors_metadata(weights)
+        fields: dict[str, Any] = {}
+        if "pretrained_cfg" in meta:
+            fields = _norm_fields(json.loads(meta["pretrained_cfg"]))
+        for k in NORM_KEYS:
+            if k in meta:
+                fields[k] = meta[k] if k == "interpolation" else json.loads(meta[k])
+        if "mean" in fields or "std" in fields:
+            return fields, f"checkpoint safetensors metadata {weights}"
+    elif suffix in PICKLE_SUFFIXES:
+        obj = _load_pickle(weights, mmap=True)
+        if isinstance(obj, Mapping):
+            for key, what in (("args", "training args"), ("pretrained_cfg", "pretrained_cfg")):
+                fields = _norm_fields(obj[key]) if obj.get(key) is not None else {}
+                if "mean" in fields or "std" in fields:
+                    return fields, f"checkpoint {what} {weights}"
+    return None
 
 
 def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from circuitray.attribution import eval_mode
+from circuitray.data.classes import folder_class_map
 from circuitray.data.datasets import DomainFolderDataset, eval_transform, load_all
 from circuitray.data.demo import DIGIT_TASKS, task_splits
 from circuitray.models import build_model
@@ -171,12 +172,14 @@ def _train(spec: dict[str, Any], task_dir: Path, out_dir: Path) -> dict[str, Any
     gen = torch.Generator().manual_seed(spec["seed"])
     probe = build_model(spec["arch"], spec["arch_kwargs"], 2)
     transform = eval_transform(probe)
-    train_ds = DomainFolderDataset(task_dir, spec["train_domain"], transform)
-    classes = train_ds.classes
-    x_tr, y_tr, _ = load_all(train_ds)
-    x_id, y_id, _ = load_all(DomainFolderDataset(task_dir, spec["id_domain"], transform, classes))
+    # labels: the training domain's class folders; the other domains must use a subset
+    classes = folder_class_map(task_dir / spec["train_domain"]).names
+    x_tr, y_tr, _ = load_all(DomainFolderDataset(task_dir, spec["train_domain"], transform,
+                                                 classes=classes))
+    x_id, y_id, _ = load_all(DomainFolderDataset(task_dir, spec["id_domain"], transform,
+                                                 classes=classes))
     x_ood, y_ood, _ = load_all(DomainFolderDataset(task_dir, spec["ood_domain"], transform,
-                                                   classes))
+                                                   classes=classes))
     model = build_model(spec["arch"], spec["arch_kwargs"], len(classes))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=spec["weight_decay"])

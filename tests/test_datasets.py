@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from circuitray.data.classes import folder_class_map
 from circuitray.data.datasets import (
     DomainFolderDataset,
     ParquetImageDataset,
@@ -22,6 +23,7 @@ from circuitray.data.demo import build_demo_task, task_splits
 from circuitray.errors import DataError
 
 COLOURS = {"cat": (200, 30, 30), "dog": (30, 200, 30)}
+CLASSES = ["cat", "dog"]
 
 
 def _png(colour: tuple[int, int, int], size: int = 32) -> Image.Image:
@@ -50,25 +52,25 @@ def tiny_vit() -> torch.nn.Module:
 
 def test_folder_dataset_yields_image_label_domain(folder, tiny_vit) -> None:
     assert list_domains(folder) == ["art", "photo"]
-    ds = DomainFolderDataset(folder, "art", eval_transform(tiny_vit))
+    ds = DomainFolderDataset(folder, "art", eval_transform(tiny_vit), classes=CLASSES)
     assert ds.classes == ["cat", "dog"] and len(ds) == 6
     x, y, d = ds[4]
     assert x.shape == (3, 32, 32) and y == 1 and d == "art"
     # normalized with the model's mean/std (vit_tiny: 0.5/0.5): green channel 200/255
     assert torch.allclose(x[1], torch.full((32, 32), (200 / 255 - 0.5) / 0.5), atol=1e-5)
-    photo = DomainFolderDataset(folder, "photo")
+    photo = DomainFolderDataset(folder, "photo", classes=CLASSES)
     assert photo.classes == ["cat", "dog"] and {photo[i][1] for i in range(len(photo))} == {0}
 
 
 def test_eval_transform_resizes_to_the_models_resolution(tmp_path, tiny_vit) -> None:
     (tmp_path / "d" / "a").mkdir(parents=True)
     _png((10, 20, 30), size=50).save(tmp_path / "d" / "a" / "big.png")
-    x, _, _ = DomainFolderDataset(tmp_path, "d", eval_transform(tiny_vit))[0]
+    x, _, _ = DomainFolderDataset(tmp_path, "d", eval_transform(tiny_vit), classes=["a"])[0]
     assert x.shape == (3, 32, 32)
 
 
 def test_loader_batches_and_limit(folder) -> None:
-    ds = DomainFolderDataset(folder, "art")
+    ds = DomainFolderDataset(folder, "art", classes=CLASSES)
     images, labels, domains = next(iter(make_loader(ds, batch_size=4)))
     assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.long
     assert domains == ["art"] * 4
@@ -88,20 +90,37 @@ def test_unlabeled_domain_gives_minus_one(folder) -> None:
 def test_unreadable_image_names_the_file(folder) -> None:
     bad = folder / "art" / "cat" / "broken.png"
     bad.write_bytes(b"not a png at all")
-    ds = DomainFolderDataset(folder, "art")
+    ds = DomainFolderDataset(folder, "art", classes=CLASSES)
     index = [p for p, _ in ds.samples].index(bad)
     with pytest.raises(DataError, match="broken.png.*unreadable image"):
         ds[index]
 
 
 def test_empty_domain_and_unknown_class_and_missing_domain(folder) -> None:
-    (folder / "sketch" / "cat").mkdir(parents=True)
+    (folder / "sketch").mkdir()
     with pytest.raises(DataError, match="sketch: domain holds no images"):
-        DomainFolderDataset(folder, "sketch")
+        DomainFolderDataset(folder, "sketch", classes=CLASSES)
     with pytest.raises(DataError, match="dog: unknown class folder"):
         DomainFolderDataset(folder, "art", classes=["cat"])
     with pytest.raises(DataError, match="no such domain.*'art'"):
-        DomainFolderDataset(folder, "cartoon")
+        DomainFolderDataset(folder, "cartoon", classes=CLASSES)
+
+
+def test_folder_dataset_needs_an_explicit_class_list(folder) -> None:
+    """No default from whichever folders exist: that default let one mkdir shift labels."""
+    with pytest.raises(TypeError, match="classes"):
+        DomainFolderDataset(folder, "art")
+
+
+def test_empty_class_folder_is_an_error_naming_it(folder) -> None:
+    (folder / "photo" / "dog").mkdir()
+    with pytest.raises(DataError, match=r"photo/dog: empty class folder"):
+        DomainFolderDataset(folder, "photo", classes=CLASSES)
+
+
+def test_labels_follow_the_given_class_order_not_the_folder_order(folder) -> None:
+    ds = DomainFolderDataset(folder, "art", classes=["dog", "cat"])
+    assert {p.parent.name: y for p, y in ds.samples} == {"dog": 0, "cat": 1}
 
 
 def _parquet(path: Path, rows: list[tuple[bytes, int | None, str]]) -> Path:
@@ -147,7 +166,8 @@ def test_shapes_style_task_layout_and_reuse(tmp_path) -> None:
     root = build_demo_task("shapes-style", tmp_path, n_per_style=30)
     assert set(list_domains(root)) == {"train", "id", "ood", "style-solid", "style-outline",
                                        "style-noisy"}
-    ood = DomainFolderDataset(root, task_splits("shapes-style")["ood"])
+    ood = DomainFolderDataset(root, task_splits("shapes-style")["ood"],
+                              classes=folder_class_map(root / "train"))
     assert len(ood) >= 1000 and len(ood.classes) == 6
     stamp = (root / "train").stat().st_mtime_ns
     assert build_demo_task("shapes-style", tmp_path, n_per_style=30) == root
@@ -162,7 +182,7 @@ def test_digit_cue_follows_rho_in_training_and_is_random_out_of_distribution(tmp
     palette = torch.from_numpy(_palette())
 
     def agreement(domain: str) -> tuple[float, int]:
-        ds = DomainFolderDataset(root, domain)
+        ds = DomainFolderDataset(root, domain, classes=[str(k) for k in range(10)])
         hits = 0
         for i in range(len(ds)):
             x, y, _ = ds[i]

@@ -216,6 +216,18 @@ def test_shape_kwargs_still_build_and_pretrained_false_is_harmless(tmp_path, mod
     assert torch.allclose(loaded(x), model(x))
 
 
+def test_timm_train_checkpoint_pth_tar_with_args_namespace_loads(tmp_path, model) -> None:
+    """timm's train.py writes checkpoint.pth.tar: state_dict plus its argparse `args`."""
+    import argparse
+
+    args = argparse.Namespace(model=ARCH, mean=[0.485, 0.456, 0.406], lr=1e-3)
+    torch.save({"epoch": 3, "arch": ARCH, "state_dict": model.state_dict(), "args": args,
+                "version": 2}, tmp_path / "checkpoint.pth.tar")
+    loaded = load_checkpoint(_row(tmp_path / "checkpoint.pth.tar"))
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(loaded(x), model(x))
+
+
 def test_every_vision_transformer_argument_is_allowed_or_refused_on_purpose() -> None:
     """A timm upgrade that adds an argument must be classified here, not pass silently."""
     import inspect
@@ -227,3 +239,25 @@ def test_every_vision_transformer_argument_is_allowed_or_refused_on_purpose() ->
     assert params - ARCH_KWARGS_ALLOWED - set(ARCH_KWARGS_REFUSED) == set()
     loaders = {"checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"}
     assert loaders <= set(ARCH_KWARGS_REFUSED)
+
+
+def test_pth_tar_with_a_payload_is_still_refused(tmp_path, model) -> None:
+    victim = tmp_path / "victim.txt"
+    torch.save({"state_dict": model.state_dict(), "args": _WritesAFile(victim)},
+               tmp_path / "evil.pth.tar")
+    with pytest.raises(CheckpointError, match=r"evil.pth.tar\): unreadable weights: refused"):
+        load_checkpoint(_row(tmp_path / "evil.pth.tar"))
+    assert not victim.exists()
+    (tmp_path / "x.tar").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"unknown weights format '.tar'"):
+        load_checkpoint(_row(tmp_path / "x.tar"))
+
+
+def test_list_columns_of_a_parquet_manifest_become_json(tmp_path, model) -> None:
+    """A Parquet list column (classes, mean, std) reads as JSON text, like arch_kwargs."""
+    path = _save_safetensors(model, tmp_path / "a.safetensors")
+    pd.DataFrame([{**_row(path), "classes": ["b", "a"], "mean": [0.1, 0.2, 0.3]}]).to_parquet(
+        tmp_path / "m.parquet")
+    df = read_manifest(tmp_path / "m.parquet")
+    assert json.loads(df.loc[0, "classes"]) == ["b", "a"]
+    assert json.loads(df.loc[0, "mean"]) == [0.1, 0.2, 0.3]

@@ -121,7 +121,7 @@ def test_shifted_dataset_corrupts_before_normalization(tmp_path) -> None:
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
                               patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=2)
     tf = eval_transform(model)
-    base = DomainFolderDataset(tmp_path, "d", tf)
+    base = DomainFolderDataset(tmp_path, "d", tf, classes=["a", "b"])
     shifted = ShiftedDataset(base, "contrast", 5, seed=3)
     x, label, domain = shifted[4]
     unit, _, _ = base.unit(4)

@@ -22,12 +22,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from circuitray.data.classes import ClassMap, as_names, class_folders, is_image
 from circuitray.errors import DataError
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 UNLABELED = -1
 
-_INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
+INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
            "nearest": InterpolationMode.NEAREST, "lanczos": InterpolationMode.LANCZOS}
 
 
@@ -51,7 +51,7 @@ class ImageTransform:
         image = image.convert("RGB")
         h, w = self.size
         if (image.height, image.width) != (h, w):
-            interp = _INTERP.get(self.interpolation, InterpolationMode.BICUBIC)
+            interp = INTERPOLATIONS.get(self.interpolation, InterpolationMode.BICUBIC)
             scale = (int(h / self.crop_pct), int(w / self.crop_pct))
             image = TF.resize(image, list(scale) if h != w else scale[0], interpolation=interp)
             image = TF.center_crop(image, [h, w])
@@ -130,44 +130,36 @@ def list_domains(root: str | os.PathLike) -> list[str]:
     return domains
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
-
-
-def _class_folders(domain_dir: Path) -> list[str]:
-    return sorted(p.name for p in domain_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 class DomainFolderDataset(_ImageDataset):
     """root/<domain>/<class>/<image> (PACS, OfficeHome, TerraIncognita; the demo tasks).
 
-    Labels index `classes`: by default the sorted union of class folders over all domains of
-    `root`, so every domain of one dataset shares one labelling. A domain folder holding images
-    directly (no class folders) is unlabeled: label −1.
+    Labels index `classes`, given explicitly (a `ClassMap` or names in label order; see
+    `circuitray.data.classes.resolve_class_map`): a default derived from whichever folders
+    exist would let one stray folder shift every label. A class folder not in `classes`, or
+    one without images, is an error naming it. A domain folder holding images directly (no
+    class folders) is unlabeled: label −1.
     """
 
     def __init__(self, root: str | os.PathLike, domain: str,
-                 transform: ImageTransform | None = None,
-                 classes: Sequence[str] | None = None):
+                 transform: ImageTransform | None = None, *,
+                 classes: ClassMap | Sequence[str]):
         self.root, self.domain, self.transform = Path(root), domain, transform
         domain_dir = self.root / domain
         if not domain_dir.is_dir():
             have = list_domains(self.root)
             raise DataError(domain_dir, f"no such domain; domains under {self.root}: {have}")
-        if classes is None:
-            names: set[str] = set()
-            for d in list_domains(self.root):
-                names.update(_class_folders(self.root / d))
-            classes = sorted(names)
-        self.classes = list(classes)
+        self.classes = as_names(classes)
         index = {c: i for i, c in enumerate(self.classes)}
         self.samples: list[tuple[Path, int]] = []
-        for c in _class_folders(domain_dir):
+        for c in class_folders(domain_dir):
             if c not in index:
                 raise DataError(domain_dir / c, f"unknown class folder; classes are {self.classes}")
-            self.samples += [(p, index[c]) for p in sorted((domain_dir / c).iterdir())
-                             if _is_image(p)]
-        self.samples += [(p, UNLABELED) for p in sorted(domain_dir.iterdir()) if _is_image(p)]
+            images = [(p, index[c]) for p in sorted((domain_dir / c).iterdir()) if is_image(p)]
+            if not images:
+                raise DataError(domain_dir / c, "empty class folder (holds no images): remove "
+                                                "it or add its images")
+            self.samples += images
+        self.samples += [(p, UNLABELED) for p in sorted(domain_dir.iterdir()) if is_image(p)]
         if not self.samples:
             raise DataError(domain_dir, "domain holds no images")
 

@@ -83,12 +83,13 @@ def _device(cfg: JobConfig) -> str:
     return "cuda" if cfg.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
-def _loaders(spec: DomainSpec, root: str, transform: Any, cfg: JobConfig) -> tuple[Any, Any]:
+def _loaders(spec: DomainSpec, root: str, transform: Any, cfg: JobConfig,
+             classes: Any) -> tuple[Any, Any]:
     """(outputs loader, attribution loader) over the same seeded subset of the domain."""
     from circuitray.data.datasets import DomainFolderDataset, make_loader
 
     d = cfg.data
-    base = DomainFolderDataset(root, spec.source, transform=transform)
+    base = DomainFolderDataset(root, spec.source, transform=transform, classes=classes)
     data = base
     if spec.kind is not None:
         from circuitray.data.shifts import ShiftedDataset
@@ -129,7 +130,7 @@ def _resumable(paths: Iterable[Path], fp: str) -> bool:
 
 
 def _run_domain(model: Any, dom: DomainPlan, row: Mapping[str, Any], root: str, transform: Any,
-                cfg: JobConfig, layout: JobLayout, device: str) -> dict[str, Any]:
+                cfg: JobConfig, layout: JobLayout, device: str, classes: Any) -> dict[str, Any]:
     """Write one domain's edges and outputs (atomically, stamped with its fingerprint) and
     return its marker row."""
     from circuitray.attribution import attribute
@@ -146,7 +147,7 @@ def _run_domain(model: Any, dom: DomainPlan, row: Mapping[str, Any], root: str, 
     resumed = _resumable((e_path, o_path), fp)
     if not resumed:
         try:
-            out_loader, att_loader = _loaders(spec, root, transform, cfg)
+            out_loader, att_loader = _loaders(spec, root, transform, cfg, classes)
         except Exception as exc:
             raise _StageError("data", exc) from exc
         try:
@@ -237,10 +238,17 @@ def discover_checkpoint(row: Mapping[str, Any], cfg: JobConfig,
         except Exception as exc:
             raise _StageError("load", exc) from exc
         try:
-            from circuitray.data.datasets import eval_transform
+            from circuitray.data.classes import resolve_class_map, store_class_map
+            from circuitray.data.preprocess import provenance, resolve_preprocessing
 
-            transform = eval_transform(model)
+            specs = [d.spec for d in plan.domains]
             root = data_root(row, cfg)
+            classes = resolve_class_map(row, cfg.data, root, specs[0].source,
+                                        [s.source for s in specs])
+            store_class_map(layout.class_map_file(str(row["task"])), str(row["task"]), classes)
+            transform, norm_source = resolve_preprocessing(row, model, cfg.data,
+                                                           str(row["weights"]))
+            recorded = provenance(transform, norm_source, classes.source)
         except Exception as exc:
             raise _StageError("data", exc) from exc
         rows, computed = [], 0
@@ -252,8 +260,8 @@ def discover_checkpoint(row: Mapping[str, Any], cfg: JobConfig,
                 dom.inputs = domain_inputs(row, dom.spec, cfg, weights=identity["weights_hash"],
                                            listings=plan.listings)
                 dom.fingerprint = fingerprint(dom.inputs)
-            rows.append({**_run_domain(model, dom, row, root, transform, cfg, layout, device),
-                         **identity})
+            rows.append({**_run_domain(model, dom, row, root, transform, cfg, layout, device,
+                                       classes), **identity, **recorded})
             computed += not rows[-1]["resumed"]
             print(f"[discover {cid}] {dom.spec.name}: {rows[-1]['n_examples']} examples, "
                   f"{rows[-1]['seconds']:.1f}s{' (resumed)' if rows[-1]['resumed'] else ''}",

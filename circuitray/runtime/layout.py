@@ -6,6 +6,7 @@
     <out>/failures/<checkpoint>.parquet                  why a checkpoint failed (FAILURE_SCHEMA)
     <out>/running/<checkpoint>.json                      the worker (host, pid) on it right now
     <out>/cache/                                         image-validation results per listing
+    <out>/classes/<task>.json                            the task's class names in label order
     <out>/metrics/, <out>/evaluation/, <out>/figures/    reduce outputs
     <out>/mlflow.db, <out>/mlartifacts/                  the default MLflow store
 
@@ -49,6 +50,11 @@ DOMAIN_SCHEMA = pa.schema(
         *[(f"{which}_{part}", typ) for which in ("edges", "outputs")
           for part, typ in (("rows", pa.int64()), ("size", pa.int64()),
                             ("mtime_ns", pa.int64()), ("checksum", pa.string()))],
+        # -- per checkpoint (same on each of its rows): what its inputs were prepared with
+        ("norm_source", pa.string()),  # where mean/std came from (circuitray/data/preprocess.py)
+        ("mean", pa.list_(pa.float64())),
+        ("std", pa.list_(pa.float64())),
+        ("class_source", pa.string()),  # where the class -> label map came from
     ]
 )
 
@@ -122,3 +128,7 @@ class JobLayout:
 
     def running_file(self, checkpoint: str) -> Path:
         return self.running / f"{safe_name(checkpoint)}.json"
+
+    def class_map_file(self, task: str) -> Path:
+        """The task's class map, written once by discover (circuitray.data.classes)."""
+        return self.root / "classes" / f"{safe_name(task)}.json"

@@ -421,15 +421,20 @@ def _log_mlflow(cfg: JobConfig, layout: JobLayout, manifest: pd.DataFrame, frame
     metric_cols = [c for c in per_ckpt.columns if not c.startswith("lam_")
                    and pd.api.types.is_numeric_dtype(per_ckpt[c])]
     hyper = _hyper(manifest).set_index("checkpoint")
+    # where each checkpoint's mean/std and labels came from (its completion marker)
+    prep = (domains_frame(plan_job(cfg, validate_images=False))
+            .reindex(columns=["checkpoint", "norm_source", "class_source"])
+            .groupby("checkpoint").first())
     for cid, hp in hyper.iterrows():
         metrics = per_ckpt.loc[cid, metric_cols].to_dict() if cid in per_ckpt.index else {}
         post = frame[(frame.checkpoint == cid) & (frame.role == "shift")]
         for c in [c for c in post.columns if c.startswith("css_") or c == "accuracy"]:
             metrics[f"shift_mean.{c}"] = float(post[c].mean()) if len(post) else float("nan")
         status = "complete" if cid in complete else "failed or not run"
-        children.append(ChildRun(str(cid), params=hp.to_dict(), metrics=metrics,
-                                 tags={"checkpoint": str(cid), "status": status,
-                                       "final": str(cid in finals).lower()}))
+        tags = {"checkpoint": str(cid), "status": status, "final": str(cid in finals).lower()}
+        if cid in prep.index:
+            tags |= {k: str(v) for k, v in prep.loc[cid].items() if v is not None}
+        children.append(ChildRun(str(cid), params=hp.to_dict(), metrics=metrics, tags=tags))
     artifacts = [(p, "tables/evaluation") for p in result.tables.values()
                  if p.parent == layout.evaluation]
     artifacts += [(p, "figures") for p in result.figures]
