@@ -19,8 +19,9 @@ from circuitray.data.classes import (
 )
 from circuitray.errors import CheckpointError, DataError
 from circuitray.job_config import load_job_config
-from circuitray.runtime.discover import discover_checkpoint, manifest_rows
+from circuitray.runtime.discover import discover_checkpoint
 from circuitray.runtime.layout import JobLayout
+from circuitray.runtime.plan import manifest_rows
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "tiny.yaml"
 NO_CFG = SimpleNamespace(class_map=None)
@@ -135,7 +136,7 @@ def test_discover_refuses_an_empty_extra_ood_folder_instead_of_shifting_labels(
     result = discover_checkpoint(manifest_rows(cfg)[0], cfg)
     assert result["status"] == "failed" and result["stage"] == "data"
     assert result["error_type"] == "DataError" and "ood/00: empty class folder" in result["error"]
-    assert not JobLayout.of(cfg.output_dir).is_complete("ckpt0")
+    assert not JobLayout.of(cfg.output_dir).marker("ckpt0").exists()
 
 
 def test_discover_refuses_an_ood_class_the_id_domain_lacks(tmp_path: Path) -> None:
@@ -181,8 +182,8 @@ def test_discover_checks_the_class_count_against_the_head(tmp_path: Path) -> Non
 def test_pipeline_records_a_stray_ood_folder_as_a_failure_naming_it(tmp_path: Path) -> None:
     import ray
 
-    from circuitray.runtime.discover import read_failures
     from circuitray.runtime.pipeline import run_pipeline
+    from circuitray.runtime.plan import read_failures
 
     manifest, cfg = _job(tmp_path, "stages=[discover]")
     (Path(manifest_rows(cfg)[0]["data_root"]) / "ood" / "00").mkdir()

@@ -20,8 +20,9 @@ from circuitray.data.preprocess import resolve_preprocessing
 from circuitray.errors import CheckpointError, ConfigError
 from circuitray.job_config import load_job_config
 from circuitray.models import build_model, load_checkpoint
-from circuitray.runtime.discover import discover_checkpoint, manifest_rows
+from circuitray.runtime.discover import discover_checkpoint
 from circuitray.runtime.layout import JobLayout
+from circuitray.runtime.plan import manifest_rows
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "tiny.yaml"
 ARCH = "vit_tiny_patch16_224"  # timm default mean/std: 0.5, 0.5
