@@ -199,8 +199,8 @@ def test_disk_full_during_discover_fails_the_write_stage_and_a_rerun_resumes(
     from circuitray.runtime.plan import manifest_rows
 
     manifest = write_checkpoints(tmp_path, 1)
-    # room for the image-validation cache (2 pages) and the first domain only
-    with _tmpfs(tmp_path / "disk", "24k") as disk:
+    # room for the image-validation cache (2 pages), the class map (1) and the first domain only
+    with _tmpfs(tmp_path / "disk", "32k") as disk:
         cfg = load_job_config(CONF, [f"manifest={manifest}", f"output_dir={disk / 'job'}",
                                      "data.shift_kinds=[]", "data.proxy_kinds=[]"])
         row = manifest_rows(cfg)[0]
