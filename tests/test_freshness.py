@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 from _jobdata import write_checkpoints
 from PIL import Image
 
@@ -26,13 +25,6 @@ from circuitray.tables import read_parquet
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "tiny.yaml"
 FAST = ("tracking.enabled=false", "reduce.figures=false", "reduce.n_boot=10")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _config(tmp: Path, manifest: Path, *extra: str) -> JobConfig:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 from _jobdata import write_checkpoints
 from mlflow.tracking import MlflowClient
 
@@ -28,13 +27,6 @@ from circuitray.runtime.plan import (
 from circuitray.tables import read_parquet
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _config(tmp: Path, manifest: Path, *extra: str) -> JobConfig:
