@@ -411,8 +411,10 @@ def _headline(evals: Mapping[str, pd.DataFrame]) -> dict[str, float]:
 
 def _log_mlflow(cfg: JobConfig, layout: JobLayout, manifest: pd.DataFrame, frame: pd.DataFrame,
                 models: pd.DataFrame, evals: Mapping[str, pd.DataFrame], result: ReduceResult,
-                summary: Mapping[str, Any], complete: set[str], finals: set[str]) -> str:
-    """Parent run: config, headline metrics, tables and figures; a child per manifest row."""
+                summary: Mapping[str, Any], markers: pd.DataFrame, finals: set[str]) -> str:
+    """Parent run: config, headline metrics, tables and figures; a child per manifest row.
+
+    `markers` are the marker rows of the reduced (complete) checkpoints."""
     from circuitray.tracking import ChildRun, default_tracking_uri, flatten, log_job
 
     uri = cfg.tracking.uri or default_tracking_uri(layout.root)
@@ -422,8 +424,8 @@ def _log_mlflow(cfg: JobConfig, layout: JobLayout, manifest: pd.DataFrame, frame
                    and pd.api.types.is_numeric_dtype(per_ckpt[c])]
     hyper = _hyper(manifest).set_index("checkpoint")
     # where each checkpoint's mean/std and labels came from (its completion marker)
-    prep = (domains_frame(plan_job(cfg, validate_images=False))
-            .reindex(columns=["checkpoint", "norm_source", "class_source"])
+    complete = set(markers.checkpoint)
+    prep = (markers.reindex(columns=["checkpoint", "norm_source", "class_source"])
             .groupby("checkpoint").first())
     for cid, hp in hyper.iterrows():
         metrics = per_ckpt.loc[cid, metric_cols].to_dict() if cid in per_ckpt.index else {}
@@ -514,7 +516,7 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
                "domains": int(len(domains))}
     if cfg.tracking.enabled:
         result.run_id = _log_mlflow(cfg, layout, manifest, frame, all_models, evals, result,
-                                    summary, set(domains.checkpoint), finals)
+                                    summary, domains, finals)
     result.seconds = time.perf_counter() - start
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps({"fingerprint": fp, "run_id": result.run_id,
