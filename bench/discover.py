@@ -69,26 +69,35 @@ SHAPES: dict[str, dict[str, Any]] = {
 STAGES = ("load", "decode+corrupt", "outputs fwd", "mean pass", "IG steps", "writes", "other")
 
 
+def _clocks() -> tuple[float, float]:
+    """(wall, this process's CPU) seconds: CPU time is what a loaded shared machine spares."""
+    return time.perf_counter(), time.process_time()
+
+
 class StageTimer:
-    """Exclusive wall time per stage: a stage's time leaves out the stages timed inside it."""
+    """Exclusive wall and CPU time per stage: a stage leaves out the stages timed inside it."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
-        self._children: list[float] = []
+        self.cpu: dict[str, float] = defaultdict(float)
+        self._children: list[list[float]] = []
 
     def wrap(self, stage: str, fn: Callable) -> Callable:
         @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            self._children.append(0.0)
+            wall, cpu = _clocks()
+            self._children.append([0.0, 0.0])
             try:
                 return fn(*args, **kwargs)
             finally:
                 inner = self._children.pop()
-                total = time.perf_counter() - start
-                self.seconds[stage] += total - inner
+                now = _clocks()
+                total = (now[0] - wall, now[1] - cpu)
+                self.seconds[stage] += total[0] - inner[0]
+                self.cpu[stage] += total[1] - inner[1]
                 if self._children:
-                    self._children[-1] += total
+                    self._children[-1][0] += total[0]
+                    self._children[-1][1] += total[1]
         return timed
 
 
@@ -176,16 +185,16 @@ def _alone(probe: Probe) -> dict[str, float]:
     from circuitray.attribution import attribute
     from circuitray.outputs import model_outputs
 
-    out = att = 0.0
-    for batches, kwargs in probe.outputs_calls:
-        t = time.perf_counter()
-        model_outputs(probe.model, batches, **kwargs)
-        out += time.perf_counter() - t
-    for batches, kwargs in probe.attribute_calls:
-        t = time.perf_counter()
-        attribute(probe.model, batches, **kwargs)
-        att += time.perf_counter() - t
-    return {"outputs_alone_s": out, "eap_ig_alone_s": att}
+    spent = defaultdict(float)
+    for key, fn, calls in (("outputs", model_outputs, probe.outputs_calls),
+                           ("eap_ig", attribute, probe.attribute_calls)):
+        for batches, kwargs in calls:
+            wall, cpu = _clocks()
+            fn(probe.model, batches, **kwargs)
+            now = _clocks()
+            spent[f"{key}_alone_s"] += now[0] - wall
+            spent[f"{key}_alone_cpu_s"] += now[1] - cpu
+    return dict(spent)
 
 
 def run_task(shape: str, root: Path) -> dict[str, Any]:
@@ -205,23 +214,28 @@ def run_task(shape: str, root: Path) -> dict[str, Any]:
                                  "resources.torch_threads=1", *SHAPES[shape]["overrides"]])
     row = manifest_rows(cfg)[0]
     with Probe() as probe:
-        start = time.perf_counter()
+        start = _clocks()
         result = discover_checkpoint(row, cfg)
-        wall = time.perf_counter() - start
+        wall, cpu = (b - a for a, b in zip(start, _clocks(), strict=True))
     if result["status"] != "done":
         raise RuntimeError(f"benchmark task failed: {result}")
     import torch
 
     threads = torch.get_num_threads()
-    split = dict(probe.timer.seconds)
-    split["IG steps"] = split.get("IG steps", 0.0) + split.pop("attribute (rest)", 0.0)
-    split["other"] = wall - sum(split.values())
+    splits = []
+    for seconds, total in ((probe.timer.seconds, wall), (probe.timer.cpu, cpu)):
+        split = dict(seconds)
+        split["IG steps"] = split.get("IG steps", 0.0) + split.pop("attribute (rest)", 0.0)
+        split["other"] = total - sum(split.values())
+        splits.append({s: split.get(s, 0.0) for s in STAGES})
     marker = pq.read_table(JobLayout.of(out).marker(str(row["checkpoint_id"]))).to_pandas()
     alone = _alone(probe)
     reused = (int(marker["plain_runs_reused"].sum()) if "plain_runs_reused" in marker
               else None)
-    return {"wall_s": wall, "threads": threads, "split_s": {s: split.get(s, 0.0) for s in STAGES},
-            **alone, "efficiency": (alone["outputs_alone_s"] + alone["eap_ig_alone_s"]) / wall,
+    return {"wall_s": wall, "cpu_s": cpu, "threads": threads, "split_s": splits[0],
+            "split_cpu_s": splits[1], **alone,
+            "efficiency": (alone["outputs_alone_s"] + alone["eap_ig_alone_s"]) / wall,
+            "cpu_efficiency": (alone["outputs_alone_cpu_s"] + alone["eap_ig_alone_cpu_s"]) / cpu,
             "domains": len(marker), "examples": int(marker["n_examples"].sum()),
             "attributed": int(marker["n_attributed"].sum()), "plain_runs_reused": reused}
 
@@ -235,17 +249,20 @@ def bench(shape: str, repeats: int) -> dict[str, Any]:
             runs.append(run_task(shape, root))
             r = runs[-1]
             print(f"{shape} repeat {i}: wall {r['wall_s']:.2f}s efficiency {r['efficiency']:.3f}"
-                  f" (load avg {os.getloadavg()[0]:.1f})", flush=True)
+                  f" (CPU {r['cpu_s']:.2f}s, {r['cpu_efficiency']:.3f}; load avg "
+                  f"{os.getloadavg()[0]:.1f})", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     med = {k: statistics.median(r[k] for r in runs)
-           for k in ("wall_s", "outputs_alone_s", "eap_ig_alone_s", "efficiency")}
+           for k in ("wall_s", "cpu_s", "outputs_alone_s", "eap_ig_alone_s", "efficiency",
+                     "outputs_alone_cpu_s", "eap_ig_alone_cpu_s", "cpu_efficiency")}
     split = {s: statistics.median(r["split_s"][s] for r in runs) for s in STAGES}
+    split_cpu = {s: statistics.median(r["split_cpu_s"][s] for r in runs) for s in STAGES}
     return {"config": SHAPES[shape], "repeats": repeats, "threads": runs[0]["threads"],
             "domains": runs[0]["domains"], "examples": runs[0]["examples"],
             "attributed": runs[0]["attributed"],
             "plain_runs_reused": runs[0]["plain_runs_reused"], **med, "split_s": split,
-            "runs": runs}
+            "split_cpu_s": split_cpu, "runs": runs}
 
 
 def main() -> None:
@@ -273,15 +290,19 @@ def main() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(stored, indent=2))
     print(f"LD_PRELOAD={results['ld_preload']}  torch {torch.__version__}  label {args.label}")
-    print("one discover task, in-process; wall-clock seconds (medians), exclusive per stage")
-    print(f"{'shape':8} {'thr':>3} {'dom':>3} {'wall':>7} "
+    print("one discover task, in-process; seconds (medians), exclusive per stage; "
+          "the cpu rows are this process's CPU time (robust to other load)")
+    print(f"{'shape':10} {'thr':>3} {'dom':>3} {'task':>7} "
           + " ".join(f"{s:>14}" for s in STAGES)
           + f" {'out alone':>9} {'IG alone':>8} {'effic.':>6} {'reused':>6}")
     for shape, r in results["shapes"].items():
-        print(f"{shape:8} {r['threads']:>3} {r['domains']:>3} {r['wall_s']:>7.2f} "
-              + " ".join(f"{r['split_s'][s]:>14.2f}" for s in STAGES)
-              + f" {r['outputs_alone_s']:>9.2f} {r['eap_ig_alone_s']:>8.2f}"
-              f" {r['efficiency']:>6.3f} {r['plain_runs_reused']!s:>6}")
+        for clock, sfx, split in (("wall", "s", "split_s"), ("cpu", "cpu_s", "split_cpu_s")):
+            print(f"{shape + ' ' + clock:10} {r['threads']:>3} {r['domains']:>3} "
+                  f"{r['wall_s' if clock == 'wall' else 'cpu_s']:>7.2f} "
+                  + " ".join(f"{r[split][s]:>14.2f}" for s in STAGES)
+                  + f" {r['outputs_alone_' + sfx]:>9.2f} {r['eap_ig_alone_' + sfx]:>8.2f}"
+                  f" {r['efficiency' if clock == 'wall' else 'cpu_efficiency']:>6.3f}"
+                  f" {r['plain_runs_reused']!s:>6}")
     print(f"wrote {path}")
 
 
