@@ -46,6 +46,9 @@ class EdgeScores:
     ablation: str | None = None
     metric: str | None = None
     example_norms: np.ndarray | None = field(default=None, repr=False)
+    # batches whose plain forward the scoring pass took from the mean pass (a job records it:
+    # 0 where every batch had to be run again)
+    plain_runs_reused: int = 0
 
     def to_table(self, task: str, checkpoint: str, domain: str) -> pa.Table:
         """One row per existing edge, src-major forward order, conforming to EDGE_SCHEMA."""
@@ -192,6 +195,10 @@ class CleanRun:
         parts = [self.images, self.input, *self.z, *self.mlp, self.logits]
         return sum(t.numel() * t.element_size() for t in parts)
 
+    def matches(self, images: torch.Tensor) -> bool:
+        """Whether this run was of `images` (a loader may give other images on a later pass)."""
+        return self.images.shape == images.shape and torch.equal(self.images, images)
+
 
 def _ln_stats(norm: nn.LayerNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """1/σ [..., 1] and the normalized input x̂ of a LayerNorm at input x [..., D]."""
@@ -242,8 +249,7 @@ def score_batch(runner: _Runner, images: torch.Tensor, ablated: torch.Tensor, *,
     """
     ad, g = runner.adapter, runner.adapter.graph
     H, D = ad.n_heads, ad.dim
-    if clean_run is not None and not (clean_run.images.shape == images.shape
-                                      and torch.equal(clean_run.images, images)):
+    if clean_run is not None and not clean_run.matches(images):
         clean_run = None  # the loader gave other images this time: run them afresh
     clean, clean_logits = runner.sources(images, where, clean_run)
     del clean_run  # its raw parts are in `clean` now; keep one copy at the peak
@@ -405,7 +411,8 @@ def attribute(model: nn.Module, batches: Iterable, *, method: str = "eap-ig-inpu
     float64 for the run (an oracle's precision; the model's dtypes are restored after).
     Mean ablations keep up to `cache_bytes` of the first pass's plain runs and reuse them
     for batches whose images are unchanged on the second pass (a shuffling loader simply
-    gets no reuse); 0 turns this off.
+    gets no reuse; `make_loader(..., fixed_order=True)` or a list always does); 0 turns
+    this off. The result's `plain_runs_reused` says how many batches reused one.
     """
     for key, val, allowed in (("method", method, METHODS), ("ablation", ablation, ABLATIONS),
                               ("metric", metric, METRICS), ("dtype", dtype, DTYPES)):
@@ -433,7 +440,7 @@ def attribute(model: nn.Module, batches: Iterable, *, method: str = "eap-ig-inpu
         zero = torch.zeros(g.n_src, 1, 1, adapter.dim, dtype=runner.work, device=dev)
         corrupted = iter(corrupted_batches) if corrupted_batches is not None else None
         total = torch.zeros(g.n_src, g.n_dst, dtype=torch.float64, device=dev)
-        norms, n = [], 0
+        norms, n, reused = [], 0, 0
         edge_mask = torch.as_tensor(g.edge_mask(), device=dev)
         for i, item in enumerate(batches):
             where = f"batch {i}"
@@ -452,6 +459,10 @@ def attribute(model: nn.Module, batches: Iterable, *, method: str = "eap-ig-inpu
                 abl, _ = runner.sources(c_images, f"corrupted {where}")
             else:
                 abl = zero if ablation == "zero" else abl_all
+            if i in cache and not cache[i].matches(images):
+                del cache[i]  # the loader gave other images this time
+            reused += i in cache
+            # popped into the call: score_batch drops its raw parts early (one copy at peak)
             part, per = score_batch(runner, images, abl, alphas=alphas, metric=metric,
                                     labels=labels, per_example=per_example_norms, where=where,
                                     clean_run=cache.pop(i, None))
@@ -471,4 +482,5 @@ def attribute(model: nn.Module, batches: Iterable, *, method: str = "eap-ig-inpu
     scores = (total / n).cpu().numpy()
     scores[~g.edge_mask()] = 0.0
     return EdgeScores(g, scores, n, method, steps=len(alphas), ablation=ablation, metric=metric,
-                      example_norms=np.concatenate(norms) if norms else None)
+                      example_norms=np.concatenate(norms) if norms else None,
+                      plain_runs_reused=reused)

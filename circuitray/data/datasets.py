@@ -221,24 +221,77 @@ def collate(batch: Sequence[tuple[torch.Tensor, int, str]]
     return images, labels, [b[2] for b in batch]
 
 
+def subset_indices(n: int, limit: int | None, shuffle: bool, seed: int) -> list[int] | None:
+    """Which items a capped loader reads: the first `limit`, or (with `shuffle`) the first
+    `limit` of a seeded permutation; None when it reads them all. The selection depends only
+    on (n, limit, shuffle, seed), so two loaders with the same seed pick nested subsets.
+    """
+    if limit is None or limit >= n:
+        return None
+    if shuffle:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randperm(n, generator=g)[:limit].tolist()
+    return list(range(limit))
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, limit: int | None = None,
                 shuffle: bool = False, seed: int = 0, num_workers: int = 0,
-                **kwargs: Any) -> DataLoader:
+                fixed_order: bool = False, **kwargs: Any) -> DataLoader:
     """A DataLoader over `dataset` yielding (images, labels, domains).
 
     `limit` keeps the first `limit` items (a seeded random `limit` items when `shuffle`), so
-    a capped run sees the same examples every time.
+    a capped run sees the same examples every time. `shuffle` also reshuffles every pass;
+    with `fixed_order` every pass instead yields the same items in the same order and the
+    same batches (the selection order, itself seeded-random when `shuffle`): a reader that
+    goes over the data twice (attribution's mean pass, then its scoring pass) sees each
+    batch again and can reuse what it computed for it.
     """
-    if limit is not None and limit < len(dataset):
-        if shuffle:
-            g = torch.Generator().manual_seed(seed)
-            idx = torch.randperm(len(dataset), generator=g)[:limit].tolist()
-        else:
-            idx = list(range(limit))
+    idx = subset_indices(len(dataset), limit, shuffle, seed)
+    if fixed_order and shuffle and idx is None:
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(dataset), generator=g).tolist()
+    if idx is not None:
         dataset = Subset(dataset, idx)
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+    reshuffle = shuffle and not fixed_order
+    generator = torch.Generator().manual_seed(seed) if reshuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=reshuffle, generator=generator,
                       num_workers=num_workers, collate_fn=collate, **kwargs)
+
+
+class RememberedItems(Dataset):
+    """`base` whose items at `keep` are kept in memory once read, up to `max_bytes` of images.
+
+    Discover reads a domain's attribution subset three times (outputs, attribution's mean
+    pass, its scoring pass); decoding and corrupting an image is pure, so the later reads take
+    the first one's tensor. Items beyond the budget are simply decoded again.
+    """
+
+    def __init__(self, base: Dataset, keep: Sequence[int] | None, max_bytes: int):
+        self.base, self.max_bytes = base, max_bytes
+        self.keep = set(range(len(base)) if keep is None else keep)
+        self.items: dict[int, Any] = {}
+        self.nbytes = 0
+        self.decoded = 0  # items read from `base` (each costs a decode, maybe a corruption)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> Any:
+        item = self.items.get(index)
+        if item is not None:
+            return item
+        item = self.base[index]
+        self.decoded += 1
+        size = item[0].numel() * item[0].element_size()
+        if index in self.keep and self.nbytes + size <= self.max_bytes:
+            self.items[index] = item
+            self.nbytes += size
+        return item
+
+    def forget(self) -> None:
+        """Drop what is remembered (the domain is done)."""
+        self.items.clear()
+        self.nbytes = 0
 
 
 def load_all(dataset: Dataset, batch_size: int = 256

@@ -83,10 +83,28 @@ def _device(cfg: JobConfig) -> str:
     return "cuda" if cfg.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
+# Decoded images a domain keeps for its second and third reads (attribution after outputs):
+# the attribution subset, 64 images by default (38 MiB at 224 px).
+REMEMBER_BYTES = 512 * 2**20
+
+
 def _loaders(spec: DomainSpec, root: str, transform: Any, cfg: JobConfig,
-             classes: Any) -> tuple[Any, Any]:
-    """(outputs loader, attribution loader) over the same seeded subset of the domain."""
-    from circuitray.data.datasets import DomainFolderDataset, make_loader
+             classes: Any) -> tuple[Any, Any, Any]:
+    """(outputs loader, attribution loader, their shared dataset) over one domain.
+
+    Both read one `RememberedItems` dataset that keeps the attribution subset once decoded
+    (and corrupted): outputs run first and decode every image once; attribution reads its
+    subset twice (mean pass, scoring) from memory. The attribution loader yields the same
+    batches on both passes, so the mean pass's plain runs are reused by the scoring pass.
+    The subsets are the seeded ones of `make_loader` (attribution's is a prefix of the
+    outputs' permutation); the outputs order is unchanged.
+    """
+    from circuitray.data.datasets import (
+        DomainFolderDataset,
+        RememberedItems,
+        make_loader,
+        subset_indices,
+    )
 
     d = cfg.data
     base = DomainFolderDataset(root, spec.source, transform=transform, classes=classes)
@@ -99,9 +117,12 @@ def _loaders(spec: DomainSpec, root: str, transform: Any, cfg: JobConfig,
     n_att = d.attribution_limit if d.attribution_limit is not None else n_out
     if n_out is not None and n_att is not None:
         n_att = min(n_att, n_out)
+    keep = subset_indices(len(data), n_att, n_att is not None, d.seed)
+    data = RememberedItems(data, keep, REMEMBER_BYTES)
     out = make_loader(data, d.batch_size, limit=n_out, shuffle=n_out is not None, seed=d.seed)
-    att = make_loader(data, d.batch_size, limit=n_att, shuffle=n_att is not None, seed=d.seed)
-    return out, att
+    att = make_loader(data, d.batch_size, limit=n_att, shuffle=n_att is not None, seed=d.seed,
+                      fixed_order=True)
+    return out, att, data
 
 
 def _retry_io(fn: Any, attempts: int = 3, wait_s: float = 0.5) -> Any:
@@ -145,9 +166,10 @@ def _run_domain(model: Any, dom: DomainPlan, row: Mapping[str, Any], root: str, 
             "fingerprint": fp, "inputs": json.dumps(dom.inputs, sort_keys=True, default=str)}
     start = time.perf_counter()
     resumed = _resumable((e_path, o_path), fp)
+    reused = None  # unknown for a domain resumed from a killed attempt
     if not resumed:
         try:
-            out_loader, att_loader = _loaders(spec, root, transform, cfg, classes)
+            out_loader, att_loader, data = _loaders(spec, root, transform, cfg, classes)
         except Exception as exc:
             raise _StageError("data", exc) from exc
         try:
@@ -162,6 +184,9 @@ def _run_domain(model: Any, dom: DomainPlan, row: Mapping[str, Any], root: str, 
             edges = scores.to_table(task, cid, spec.name)
         except Exception as exc:
             raise _StageError("attribute", exc) from exc
+        finally:
+            data.forget()
+        reused = scores.plain_runs_reused
         stamp = {FINGERPRINT_KEY: fp.encode()}
         try:
             _retry_io(lambda: write_parquet_atomic(edges, e_path,
@@ -177,7 +202,8 @@ def _run_domain(model: Any, dom: DomainPlan, row: Mapping[str, Any], root: str, 
                       f"{which}_mtime_ns": rec.mtime_ns, f"{which}_checksum": rec.checksum})
     n_att = pq.read_table(e_path, columns=["n_examples"]).column(0)[0].as_py()
     return {**info, **files, "n_examples": files["outputs_rows"], "n_attributed": n_att,
-            "seconds": time.perf_counter() - start, "resumed": resumed}
+            "seconds": time.perf_counter() - start, "resumed": resumed,
+            "plain_runs_reused": reused}
 
 
 def _sweep_temporaries(layout: JobLayout, task: str, cid: str) -> None:

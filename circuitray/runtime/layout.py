@@ -41,6 +41,9 @@ DOMAIN_SCHEMA = pa.schema(
         ("n_attributed", pa.int64()),
         ("seconds", pa.float64()),
         ("resumed", pa.bool_()),  # computed by an earlier attempt of this checkpoint
+        # attribution batches whose plain forward the scoring pass took from the mean pass
+        # (null when resumed or written before this column existed)
+        ("plain_runs_reused", pa.int64()),
         # what determined the two files (circuitray.runtime.plan) and what they looked like
         ("fingerprint", pa.string()),
         ("inputs", pa.string()),  # JSON of the fingerprint's inputs: says why one changed
