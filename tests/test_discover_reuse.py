@@ -146,3 +146,22 @@ def test_attribute_counts_the_plain_runs_it_reused() -> None:
     assert attribute(model, batches, steps=2).plain_runs_reused == 3
     assert attribute(model, batches, steps=2, cache_bytes=0).plain_runs_reused == 0
     assert attribute(model, batches, method="eap", ablation="zero").plain_runs_reused == 0
+
+
+@pytest.mark.parametrize("rows", [0, 1, 8, 10**6])
+def test_summing_gradients_over_ig_points_changes_no_score(monkeypatch, rows) -> None:
+    """Destinations whose gradients are summed over the IG points (within IG_SUM_BYTES: none,
+    the logits, the last block (two for the smaller batch), all) score as when contracted
+    point by point."""
+    import circuitray.attribution as attribution
+
+    model, x = tiny_vit(depth=3), images(n=6)
+    batches = [x[:4], x[4:]]
+    row_bytes = 4 * 5 * 16 * 8  # N·T·D float64 of the first batch (T = 4 patches + cls)
+    kw = dict(steps=3, dtype="fp64", per_example_norms=True)
+    monkeypatch.setattr(attribution, "IG_SUM_BYTES", 0)
+    ref = attribute(model, batches, **kw)
+    monkeypatch.setattr(attribution, "IG_SUM_BYTES", rows * row_bytes)
+    got = attribute(model, batches, **kw)
+    np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(got.example_norms, ref.example_norms, rtol=1e-10)
