@@ -13,6 +13,7 @@ Q_ij = sign(x_i−x_j)·sign(y_i−y_j)) are then matrix algebra over all replic
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -216,13 +217,37 @@ def _average(table: pd.DataFrame, reps: dict, by: list[str], keep: list[str], ci
             row["reason"] = f"no group could be evaluated ({len(grp)} tried)"
         else:
             stack = np.stack([reps[(tuple(r[c] for c in by), r["metric"])] for r in good])
-            mean = np.nanmean(stack, axis=0)  # [B+1, stats]
-            lo, hi = np.nanpercentile(mean[1:], [50 * (1 - ci), 50 * (1 + ci)], axis=0)
+            with warnings.catch_warnings():  # a resample undefined in every group stays NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(stack, axis=0)  # [B+1, stats]
+                lo, hi = np.nanpercentile(mean[1:], [50 * (1 - ci), 50 * (1 + ci)], axis=0)
             for i, s in enumerate(STATS):
                 row[s], row[f"{s}_lo"], row[f"{s}_hi"] = mean[0, i], lo[i], hi[i]
             row["reason"] = f"{skipped} group(s) without a value left out" if skipped else ""
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+MIN_CHECKPOINTS = 3  # below this a task's zoo supports no statistic at all: skip, say so
+
+
+def usable_checkpoints(frame: pd.DataFrame, *, metrics: Sequence[str], target: str,
+                       by: str = "task", min_n: int = MIN_CHECKPOINTS) -> pd.DataFrame:
+    """Per `by` group, how many rows (checkpoints) any statistic could use: a finite target
+    and at least one finite metric. Columns: `by`, n_usable, evaluate (n_usable ≥ min_n) and
+    note ("task X: only n usable checkpoints (need 3)" for the groups to skip)."""
+    require_columns(frame, [by, target, *metrics], "evaluation frame")
+    target_ok = np.isfinite(frame[target].to_numpy(float))
+    metric_ok = (np.isfinite(frame[list(metrics)].to_numpy(float)).any(axis=1) if len(metrics)
+                 else np.zeros(len(frame), bool))
+    counts = (frame.assign(_usable=target_ok & metric_ok)
+              .groupby(by, sort=True)["_usable"].sum().astype(int))
+    out = counts.rename("n_usable").reset_index()
+    out["evaluate"] = out["n_usable"] >= min_n
+    out["note"] = [
+        "" if ok else f"{by} {key}: only {n} usable checkpoints (need {min_n})"
+        for key, n, ok in zip(out[by], out["n_usable"], out["evaluate"], strict=True)]
+    return out
 
 
 def pre_deployment(frame: pd.DataFrame, *, metrics: Sequence[str], target: str = "ood_acc",
