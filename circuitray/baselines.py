@@ -210,7 +210,8 @@ def domain_accuracy(outputs: pa.Table | pd.DataFrame,
                      "accuracy": float(correct.mean()) if labels is not None and len(labels)
                      else np.nan,
                      "n": len(d), "n_labeled": int(labeled.sum()),
-                     "reason": reasons(fails, domain)})
+                     "reason": reasons(fails, domain, "" if labeled.any()
+                                       else "accuracy: no labeled examples")})
         if failures is not None:
             failures.extend(fails)
     return pd.DataFrame(rows, columns=["task", "checkpoint", "domain", "accuracy", "n",
@@ -221,6 +222,7 @@ def domain_accuracy(outputs: pa.Table | pd.DataFrame,
 # others read outputs only and are computed on unlabeled ID data too.
 LABELED_BASELINES = ("id_acc", "ac_ts", "atc_mc", "atc_ne", "atc_mc_ts", "atc_ne_ts", "doc",
                      "temperature")
+_NEEDS_LABELS = f"baselines needing ID labels ({', '.join(LABELED_BASELINES)})"
 BASELINE_COLUMNS = ("id_acc", "ac", "ac_ts", "ane", "energy", "atc_mc", "atc_ne", "atc_mc_ts",
                     "atc_ne_ts", "doc", "nuclear", "nuclear_lo", "nuclear_hi", "mano", "mde",
                     "rankme", "temperature")
@@ -241,8 +243,7 @@ def _calibration(rows: pd.DataFrame, where: str) -> _Calibration:
         raise TableError(f"outputs: {where}: no rows on the ID domain")
     if rows["label"].isna().any():
         raise MetricError(f"{where}: {int(rows['label'].isna().sum())} of {len(rows)} ID "
-                          "examples are unlabeled; id_acc, ATC, DoC and temperature scaling "
-                          "need ID labels")
+                          "examples are unlabeled")
     logits = _matrix(rows["logits"], "logits", where)
     labels = rows["label"].to_numpy(np.int64)
     check_labels(labels, logits.shape[1], where)
@@ -303,8 +304,8 @@ def pre_deployment_baselines(outputs: pa.Table | pd.DataFrame, *, id_domain: str
         fails: list[MetricFailure] = []
         where = _where(task, ckpt, id_domain)
         cal = attempt(partial(_calibration, grp[grp.domain == id_domain], where), fails,
-                      "baselines (ID labels)", task=task, checkpoint=ckpt, domain=id_domain)
-        no_cal = "" if cal is not None else f"{', '.join(LABELED_BASELINES)}: {fails[-1].error}"
+                      _NEEDS_LABELS, task=task, checkpoint=ckpt, domain=id_domain)
+        no_cal = "" if cal is not None else fails[-1].reason
         for domain, d in grp.groupby("domain", sort=True):
             row: dict[str, object] = {"task": task, "checkpoint": ckpt, "domain": domain,
                                       "n_examples": len(d)} | dict.fromkeys(BASELINE_COLUMNS,
@@ -319,12 +320,15 @@ def pre_deployment_baselines(outputs: pa.Table | pd.DataFrame, *, id_domain: str
                     value = attempt(fn, fails, f"baselines.{name}", task=task, checkpoint=ckpt,
                                     domain=domain)
                     row[name] = np.nan if value is None else value
-            row["reason"] = reasons(fails, domain, no_cal if domain != id_domain else "")
+            row["reason"] = reasons(fails, domain, no_cal)
             rows.append(row)
         if failures is not None:
             failures.extend(fails)
     return pd.DataFrame(rows, columns=["task", "checkpoint", "domain", "n_examples",
                                        *BASELINE_COLUMNS, "reason"])
+
+
+DETECTOR_COLUMNS = ("bbsd_stat", "bbsd_p", "bbsd_shift", "mmd2", "mmd_p", "mmd_shift")
 
 
 def _id_outputs(rows: pd.DataFrame, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -351,7 +355,7 @@ def shift_detectors(outputs: pa.Table | pd.DataFrame, *, id_domain: str, alpha: 
     the decision at `alpha`. Neither needs labels. A test that cannot run is NaN with a
     `reason` (and a MetricFailure in `failures`)."""
     f = _frame(outputs)
-    cols = ["bbsd_stat", "bbsd_p", "bbsd_shift", "mmd2", "mmd_p", "mmd_shift"]
+    cols = list(DETECTOR_COLUMNS)
     rows = []
     for (task, ckpt), grp in f.groupby(["task", "checkpoint"], sort=True):
         fails: list[MetricFailure] = []

@@ -42,7 +42,10 @@ class MetricFailure:
         return f"{self.what}: {self.error}"
 
     def describe(self) -> str:
-        """The same, naming where: for failures/ and logs, read without the row beside it."""
+        """The same, naming where (unless the error already does): for failures/ and logs,
+        read without the row beside it."""
+        if f"checkpoint '{self.checkpoint}'" in self.error:
+            return f"{self.what}: {self.error_type}: {self.error}"
         return (f"{self.what} of task '{self.task}', checkpoint '{self.checkpoint}', "
                 f"domain '{self.domain}': {self.error_type}: {self.error}")
 
