@@ -281,6 +281,28 @@ def _average(table: pd.DataFrame, reps: dict, by: list[str], keep: list[str], ci
     return pd.DataFrame(rows)
 
 
+MIN_CHECKPOINTS = 3  # below this a task's zoo supports no statistic at all: skip, say so
+
+
+def usable_checkpoints(frame: pd.DataFrame, *, metrics: Sequence[str], target: str,
+                       by: str = "task", min_n: int = MIN_CHECKPOINTS) -> pd.DataFrame:
+    """Per `by` group, how many rows (checkpoints) any statistic could use: a finite target
+    and at least one finite metric. Columns: `by`, n_usable, evaluate (n_usable ≥ min_n) and
+    note ("task X: only n usable checkpoints (need 3)" for the groups to skip)."""
+    require_columns(frame, [by, target, *metrics], "evaluation frame")
+    target_ok = np.isfinite(frame[target].to_numpy(float))
+    metric_ok = (np.isfinite(frame[list(metrics)].to_numpy(float)).any(axis=1) if len(metrics)
+                 else np.zeros(len(frame), bool))
+    counts = (frame.assign(_usable=target_ok & metric_ok)
+              .groupby(by, sort=True)["_usable"].sum().astype(int))
+    out = counts.rename("n_usable").reset_index()
+    out["evaluate"] = out["n_usable"] >= min_n
+    out["note"] = [
+        "" if ok else f"{by} {key}: only {n} usable checkpoints (need {min_n})"
+        for key, n, ok in zip(out[by], out["n_usable"], out["evaluate"], strict=True)]
+    return out
+
+
 def pre_deployment(frame: pd.DataFrame, *, metrics: Sequence[str], target: str = "ood_acc",
                    by: Sequence[str] = ("task",), **kw) -> pd.DataFrame:
     """Per task across the zoo (one row per checkpoint), then averaged over tasks.

@@ -22,6 +22,7 @@ from circuitray.evaluation import (
     pre_deployment,
     result_table,
     silent_failure_alarm,
+    usable_checkpoints,
     within_group,
 )
 
@@ -326,3 +327,17 @@ def test_pre_deployment_with_several_ood_domains_counts_each_task_once() -> None
     assert overall.composite == pytest.approx((g["bg"].mean() + g[("patch", "d0")]) / 2)
     assert overall.composite != pytest.approx(g.mean())
     assert _outside(out) == []
+
+
+def test_task_with_fewer_than_three_usable_checkpoints_is_marked_to_skip() -> None:
+    nan = np.nan
+    frame = pd.DataFrame({
+        "task": ["a"] * 4 + ["b"] * 4,
+        "ood_acc": [0.5, 0.6, 0.7, 0.8, 0.5, nan, 0.7, 0.8],
+        "ac": [0.1, 0.2, 0.3, 0.4, nan, 0.2, 0.3, 0.4],
+        "rankme": [nan, 1.0, 2.0, 3.0, nan, 1.0, nan, 3.0],
+    })
+    out = usable_checkpoints(frame, metrics=["ac", "rankme"], target="ood_acc").set_index("task")
+    assert out.n_usable.to_dict() == {"a": 4, "b": 2}  # b: no metric / no target in two rows
+    assert out.evaluate.to_dict() == {"a": True, "b": False}
+    assert out.note.to_dict() == {"a": "", "b": "task b: only 2 usable checkpoints (need 3)"}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from circuitray.errors import TableError
+from circuitray.errors import StaleResultError
 
 _CHUNK = 1 << 20
 # Parquet key-value metadata of a domain file: the fingerprint of what produced it.
@@ -75,8 +75,8 @@ def read_verified(path: str | os.PathLike, checksum: str,
     try:
         data = path.read_bytes()
     except FileNotFoundError as exc:
-        raise TableError(f"{path}: missing (run discover to recompute it)") from exc
+        raise StaleResultError(f"{path}: missing (run discover to recompute it)") from exc
     if checksum_bytes(data) != checksum:
-        raise TableError(f"{path}: damaged: checksum differs from its checkpoint marker's "
+        raise StaleResultError(f"{path}: damaged: checksum differs from its checkpoint marker's "
                          "(run discover to recompute it)")
     return pq.read_table(pa.BufferReader(data), columns=columns)

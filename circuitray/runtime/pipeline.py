@@ -28,7 +28,7 @@ from circuitray.runtime.discover import DiscoverSummary, run_discover
 from circuitray.runtime.layout import JobLayout
 from circuitray.runtime.lock import JobLock
 from circuitray.runtime.outputdir import check_output_dir
-from circuitray.runtime.reduce import ReduceResult, run_reduce
+from circuitray.runtime.reduce import NEAR_CHANCE, ReduceResult, run_reduce
 from circuitray.tables import FAILURE_SCHEMA, read_parquet_or_empty
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -149,14 +149,21 @@ def _cell(row: pd.Series, stat: str) -> str:
     return f"{v:+.3f} [{lo:+.2f},{hi:+.2f}]"
 
 
+def _count(row: pd.Series) -> str:
+    n = row.get("n")
+    return f"{int(n)}" if n is not None and np.isfinite(n) else "-"
+
+
 def _stat_block(table: pd.DataFrame, title: str, paper: dict[str, float]) -> list[str]:
-    head = (f"  {'metric':<22}{'R² (signed)':>22}{'SRCC':>22}{'KRCC':>22}{'composite':>22}"
-            f"{'paper':>8}")
+    """One line per metric: its statistics, n (the points that entered them) and the paper's
+    composite; a metric whose n is below the others' lost points to NaN (see `reason`)."""
+    head = (f"  {'metric':<22}{'n':>5}{'R² (signed)':>22}{'SRCC':>22}{'KRCC':>22}"
+            f"{'composite':>22}{'paper':>8}")
     lines = [title, head]
     for _, row in table.sort_values("composite", ascending=False,
                                     na_position="last").iterrows():
         ref = paper.get(row["metric"])
-        lines.append(f"  {row['metric']:<22}" + "".join(
+        lines.append(f"  {row['metric']:<22}{_count(row):>5}" + "".join(
             f"{_cell(row, s):>22}" for s in ("r2_signed", "srcc", "krcc", "composite"))
             + (f"{ref:>8.3f}" if ref is not None else f"{'':>8}")
             + (f"  ({row['reason']})" if isinstance(row.get("reason"), str) and row["reason"]
@@ -198,12 +205,44 @@ def _task_order(table: pd.DataFrame) -> list[tuple[str, int, pd.DataFrame]]:
     return out
 
 
+_MAX_LISTED = 20
+
+
+def _listing(names: Sequence[str]) -> str:
+    more = len(names) - _MAX_LISTED
+    return ", ".join(names[:_MAX_LISTED]) + (f", … and {more} more" if more > 0 else "")
+
+
+def _warnings(frames: dict[str, pd.DataFrame]) -> list[str]:
+    """What a reader must know before trusting any number below: near-chance checkpoints
+    (their proxies say little) and metrics reduce could not compute (NaN in the tables)."""
+    out = []
+    models = frames.get("models")
+    if models is not None and "near_chance" in models and models["near_chance"].any():
+        near = models[models["near_chance"]].drop_duplicates("checkpoint")
+        names = [f"{r.checkpoint} ({r.id_acc:.3f})" for r in near.itertuples()]
+        out.append(f"WARNING: {len(names)} checkpoint(s) with ID accuracy within "
+                   f"{NEAR_CHANCE:g} of chance (1/num_classes): {_listing(names)}")
+    fails = frames.get("reduce_failures")
+    if fails is not None and not fails.empty:
+        out.append(f"WARNING: {len(fails)} metric failure(s) in {fails.checkpoint.nunique()} "
+                   f"checkpoint(s), NaN with a reason in metrics/ (see failures/reduce/): "
+                   f"{_listing(sorted(set(fails.checkpoint)))}")
+    return out
+
+
 def format_report(frames: dict[str, pd.DataFrame]) -> str:
-    """Each metric's R²/SRCC/KRCC/composite with 95% CIs per task, and alarm F1/AUROC, beside
-    the paper's published composites (whatever our numbers say)."""
+    """Each metric's R²/SRCC/KRCC/composite with 95% CIs and n per task, and alarm F1/AUROC,
+    beside the paper's published composites (whatever our numbers say); first the warnings
+    (near-chance checkpoints, metrics that could not be computed), and the tasks too small to
+    evaluate."""
     from circuitray.evaluation import PAPER_RESULTS
 
-    out: list[str] = []
+    out: list[str] = _warnings(frames)
+    skipped = frames.get("skipped")
+    if skipped is not None and not skipped.empty:
+        for note in skipped["note"]:
+            out.append(f"\nPRE-DEPLOYMENT: not evaluated (too few points): {note}")
     pre = frames.get("pre_deployment")
     if pre is not None and not pre.empty:
         for label, n, part in _task_order(pre):
@@ -235,8 +274,9 @@ def format_report(frames: dict[str, pd.DataFrame]) -> str:
             out.append(f"  {row['task']:<26}{int(row['n_models']):>8}"
                        f"{row['canonical_corr']:>13.3f}{row['heldout_corr']:>12.3f}"
                        f"{row['reg']:>6.2f}")
-    if not out:
-        return "no evaluation tables (too few checkpoints or domains); see evaluation/_reduce.json"
+    if not any(line.startswith("\n") for line in out):
+        out.append("no evaluation tables (too few checkpoints or domains); see "
+                   "evaluation/_reduce.json")
     return "\n".join(out)
 
 
