@@ -146,6 +146,36 @@ def test_damaged_or_missing_domain_file_is_named_by_reduce_and_recomputed_by_run
     assert models.set_index("checkpoint").loc["ckpt0"].filter(like="ddb_").notna().all()
 
 
+def test_bytes_changed_under_the_same_size_and_mtime_stop_reduce_naming_the_file(
+        tmp_path: Path, local_ray, capsys) -> None:
+    """Bit rot keeps size and mtime, so only the checksum of the bytes reduce parses (in a
+    Ray task) catches it: the driver stops with the file's name, not a worker traceback."""
+    import os
+
+    from circuitray import cli
+
+    manifest = write_checkpoints(tmp_path, 2)
+    cfg = _config(tmp_path, manifest)
+    run_pipeline(cfg)
+    victim = JobLayout.of(cfg.output_dir).outputs_file("toy", "ckpt1", "id")
+    st = victim.stat()
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(StaleResultError, match=rf"{victim}: damaged.*delete it and run discover"):
+        run_reduce(cfg, force=True)
+    capsys.readouterr()
+    args = ["reduce", str(CONF), f"manifest={manifest}", f"output_dir={cfg.output_dir}", *FAST]
+    assert cli.main([*args, "--force"]) == 2
+    err = capsys.readouterr().err
+    assert str(victim) in err and "Traceback" not in err and "RayTaskError" not in err
+    victim.unlink()
+    result = run_pipeline(cfg)
+    assert result.discover.done == ["ckpt1"] and result.discover.computed == 1
+    assert not run_reduce(cfg, force=True).skipped  # the recomputed bytes verify again
+
+
 def test_unreadable_image_is_reported_once_for_every_checkpoint_before_any_model_loads(
         tmp_path: Path, local_ray, capsys, monkeypatch) -> None:
     manifest = write_checkpoints(tmp_path, 2)

@@ -77,6 +77,8 @@ def read_verified(path: str | os.PathLike, checksum: str,
     except FileNotFoundError as exc:
         raise StaleResultError(f"{path}: missing (run discover to recompute it)") from exc
     if checksum_bytes(data) != checksum:
+        # size and mtime matched (check_file passed), so only the bytes tell: discover's
+        # resume would trust the file, hence the explicit delete in the advice
         raise StaleResultError(f"{path}: damaged: checksum differs from its checkpoint marker's "
-                         "(run discover to recompute it)")
+                               "(delete it and run discover to recompute it)")
     return pq.read_table(pa.BufferReader(data), columns=columns)
