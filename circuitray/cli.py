@@ -37,23 +37,35 @@ def _repo_file(name: str) -> Path:
 
 def _run(args: argparse.Namespace, stages: list[str] | None) -> int:
     from circuitray.job_config import load_job_config
-    from circuitray.runtime.pipeline import format_report, run_pipeline
+    from circuitray.runtime.pipeline import run_pipeline
 
     overrides = list(args.overrides) + ([f"stages={stages}"] if stages else [])
     cfg = load_job_config(args.config, overrides)
     result = run_pipeline(cfg, force_reduce=getattr(args, "force", False))
     if result.reduce is not None:
-        frames = result.reduce.frames if not result.reduce.skipped else _stored_frames(
-            Path(cfg.output_dir) / "evaluation")  # unchanged since last time: reprint it
-        print(format_report(frames))
-    _where(cfg)
+        print(_stored_report(cfg))
+    _where(cfg, result.discover.failed if result.discover else [])
     return 0
 
 
-def _where(cfg) -> None:
+def _stored_report(cfg) -> str:
+    """The report reduce wrote with its tables; reprinted as is when reduce was up to date,
+    so an unchanged job prints exactly what it printed the first time."""
+    from circuitray.runtime.reduce import REPORT_NAME
+
+    path = Path(cfg.output_dir) / "evaluation" / REPORT_NAME
+    if not path.exists():  # tables from a version that did not store its report
+        raise CircuitrayError(f"{path}: missing; run `circuitray reduce ... --force` to "
+                              "recompute the report")
+    return path.read_text()
+
+
+def _where(cfg, failed: Sequence[str] = ()) -> None:
     from circuitray.tracking import default_tracking_uri
 
     uri = cfg.tracking.uri or default_tracking_uri(cfg.output_dir)
+    if failed:
+        print(f"\n{len(failed)} checkpoint(s) failed; why: {cfg.output_dir}/failures/")
     print(f"\ntables: {cfg.output_dir}/{{edges,outputs,metrics,evaluation,failures}}\n"
           f"figures: {cfg.output_dir}/figures\n"
           f"MLflow UI: mlflow ui --backend-store-uri {uri}")
@@ -62,7 +74,7 @@ def _where(cfg) -> None:
 def _demo(args: argparse.Namespace) -> int:
     """Train or reuse the demo zoo, run the whole pipeline locally, print the result table."""
     from circuitray.job_config import load_job_config
-    from circuitray.runtime.pipeline import format_report, run_pipeline
+    from circuitray.runtime.pipeline import run_pipeline
 
     zoo_dir = Path(args.zoo_out).resolve()
     start = time.perf_counter()
@@ -73,14 +85,12 @@ def _demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = run_pipeline(cfg, force_reduce=args.force)
     job_s = time.perf_counter() - start
-    frames = result.reduce.frames if result.reduce and not result.reduce.skipped else None
-    if frames is None:  # unchanged since the last demo: reprint from the stored tables
-        frames = _stored_frames(Path(cfg.output_dir) / "evaluation")
     print("\nInside-Out demo: our numbers on the offline demo zoo beside the paper's "
           "(CVPR 2026) published composites")
-    print(format_report(frames))
+    if result.reduce is not None:
+        print(_stored_report(cfg))
     print(f"\nzoo {zoo_s:.0f}s (reused when already trained), pipeline {job_s:.0f}s")
-    _where(cfg)
+    _where(cfg, result.discover.failed if result.discover else [])
     return 0
 
 
@@ -96,12 +106,6 @@ def _demo_zoo(zoo_conf: Path, zoo_dir: Path, overrides: list[str]) -> Path:
     return every if every.exists() else manifest
 
 
-def _stored_frames(evaluation: Path) -> dict:
-    import pandas as pd
-
-    return {p.stem: pd.read_parquet(p) for p in sorted(evaluation.glob("*.parquet"))}
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuitray", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="job config YAML, e.g. conf/user-data.yaml")
         p.add_argument("overrides", nargs="*", help="key=value, e.g. resources.num_gpus=0.25")
         if name != "discover":
-            p.add_argument("--force", action="store_true",
+            p.add_argument("--force", "--force-reduce", dest="force", action="store_true",
                            help="recompute reduce even if its inputs are unchanged")
     demo = sub.add_parser("demo", help="demo zoo + pipeline + paper-style table, all local")
     demo.add_argument("overrides", nargs="*", help="key=value overrides of conf/demo.yaml")

@@ -282,6 +282,7 @@ def _average(table: pd.DataFrame, reps: dict, by: list[str], keep: list[str], ci
 
 
 MIN_CHECKPOINTS = 3  # below this a task's zoo supports no statistic at all: skip, say so
+NEAR_CHANCE = 0.05  # ID accuracy less than this above 1/num_classes: the model learned ~nothing
 
 
 def usable_checkpoints(frame: pd.DataFrame, *, metrics: Sequence[str], target: str,

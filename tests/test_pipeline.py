@@ -14,9 +14,10 @@ from _jobdata import write_checkpoints
 from mlflow.tracking import MlflowClient
 
 from circuitray.job_config import JobConfig, load_job_config
+from circuitray.report import format_report
 from circuitray.runtime.discover import run_discover
 from circuitray.runtime.layout import JobLayout
-from circuitray.runtime.pipeline import format_report, run_pipeline
+from circuitray.runtime.pipeline import run_pipeline
 from circuitray.runtime.plan import (
     domain_specs,
     domains_frame,

@@ -19,8 +19,9 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
 
 from circuitray.job_config import JobConfig, load_job_config
+from circuitray.report import format_report
 from circuitray.runtime.layout import JobLayout
-from circuitray.runtime.pipeline import PipelineResult, format_report, run_pipeline
+from circuitray.runtime.pipeline import PipelineResult, run_pipeline
 from circuitray.runtime.plan import domains_frame, plan_job, read_failures
 from circuitray.tables import read_parquet
 
@@ -132,6 +133,23 @@ def test_near_chance_checkpoints_are_flagged_in_models_table_and_report(
     assert len(warning) == 1
     for cid in models.loc[models.near_chance, "checkpoint"]:
         assert cid in report
+
+
+@pytest.mark.slow
+def test_an_up_to_date_rerun_prints_the_same_report_warnings_included(
+        zeros_job: PipelineResult, capsys) -> None:
+    """The report is stored with the tables; a rerun whose reduce is up to date reprints it,
+    so the near-chance and metric-failure warnings do not vanish the second time."""
+    from circuitray import cli
+
+    cfg = zeros_job.config
+    first = format_report(zeros_job.reduce.frames)
+    capsys.readouterr()
+    assert cli.main(["run", str(CONF), f"manifest={cfg.manifest}",
+                     f"output_dir={cfg.output_dir}"]) == 0
+    out, err = capsys.readouterr()
+    assert "[reduce] up to date" in err
+    assert first in out and "WARNING" in first and "zeros" in first
 
 
 @pytest.mark.slow

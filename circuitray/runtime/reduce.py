@@ -26,8 +26,11 @@ import pyarrow as pa
 
 from circuitray.config import to_dict
 from circuitray.errors import CircuitrayError, MetricError, StaleResultError
+from circuitray.evaluation import NEAR_CHANCE
 from circuitray.isolation import RECOVERABLE, MetricFailure, attempt, reasons
 from circuitray.job_config import JobConfig, ReduceConfig
+from circuitray.report import format_report
+from circuitray.runtime.files import write_text_atomic
 from circuitray.runtime.layout import JobLayout, safe_name
 from circuitray.runtime.plan import (
     JobPlan,
@@ -40,6 +43,7 @@ from circuitray.runtime.plan import (
 from circuitray.tables import FAILURE_SCHEMA, read_parquet, write_parquet_atomic
 
 KEYS = ["task", "checkpoint", "domain"]
+REPORT_NAME = "report.txt"  # under evaluation/: the printed report of the last reduce
 _MANIFEST_SKIP = {"weights", "arch_kwargs", "data_root"}
 
 
@@ -406,7 +410,6 @@ def group_labels(rows: pd.DataFrame) -> pd.Series:
     return rows["task"].where(~several, rows["task"] + ":" + rows["domain"])
 
 
-NEAR_CHANCE = 0.05  # ID accuracy less than this above 1/num_classes: the model learned ~nothing
 
 
 def _model_frame(frame: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
@@ -809,9 +812,11 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
         result.run_id = _log_mlflow(cfg, layout, manifest, frame, all_models, evals, result,
                                     summary, domains, finals, reduce_failures)
     result.seconds = time.perf_counter() - start
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps({"fingerprint": fp, "run_id": result.run_id,
-                                 "notes": result.notes, "seconds": result.seconds}, indent=1))
+    # the report a later up-to-date run reprints, then the stamp: both whole or not at all
+    write_text_atomic(layout.evaluation / REPORT_NAME, format_report(result.frames))
+    write_text_atomic(stamp, json.dumps({"fingerprint": fp, "run_id": result.run_id,
+                                         "notes": result.notes, "seconds": result.seconds},
+                                        indent=1))
     print(f"[reduce] {summary['checkpoints_complete']} checkpoints, {len(result.tables)} tables, "
           f"{len(result.figures)} figures in {result.seconds:.1f}s", file=sys.stderr, flush=True)
     return result
