@@ -82,6 +82,9 @@ def test_corrupt_checkpoint_lands_in_failures_and_rerun_recomputes_nothing(
     exp = client.get_experiment_by_name("circuitray-tiny")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 4  # the job and its three checkpoints (the failed one included)
+    status = {r.data.tags.get("checkpoint"): r.info.status for r in runs}
+    assert status == {None: "FINISHED", "ckpt0": "FINISHED", "ckpt1": "FINISHED",
+                      "truncated": "FAILED"}  # the UI's status column shows the broken one
     failures = read_failures(JobLayout.of(cfg.output_dir))
     assert failures.to_dict("records")[0] | {"error": ""} == {
         "checkpoint": "truncated", "stage": "load", "error_type": "CheckpointError", "error": ""}

@@ -26,7 +26,6 @@ from circuitray.runtime.layout import JobLayout
 from circuitray.runtime.lock import JobLock
 from circuitray.runtime.outputdir import check_output_dir
 from circuitray.runtime.reduce import ReduceResult, run_reduce
-from circuitray.tables import FAILURE_SCHEMA, read_parquet_or_empty
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,32 +55,14 @@ def run_pipeline(cfg: JobConfig, *, force_reduce: bool = False) -> PipelineResul
                                yaml.safe_dump(to_dict(cfg), sort_keys=False))
             print(f"[circuitray] job '{cfg.name}': manifest {cfg.manifest} -> {layout.root}",
                   file=sys.stderr, flush=True)
+            # an unwritable output folder met mid-discover raises OutputError there
             disc = run_discover(cfg) if "discover" in cfg.stages else None
-            if disc is not None:
-                _stop_on_output_errors(layout, disc)
             red = run_reduce(cfg, force=force_reduce) if "reduce" in cfg.stages else None
         except OSError as exc:  # a write outside tables.py: name the path, not a traceback
             if not os_error_is_permanent(exc):
                 raise
             raise OutputError.from_os_error(exc.filename or layout.root, exc) from exc
     return PipelineResult(cfg, disc, red)
-
-
-def _stop_on_output_errors(layout: JobLayout, disc: DiscoverSummary) -> None:
-    """Checkpoints that failed because their tables could not be written (disk full,
-    read-only) are not the checkpoints' fault: stop before reduce instead of reporting them
-    as bad checkpoints. Complete ones keep their markers, so a re-run resumes."""
-    if not disc.failed:
-        return
-    failures = read_parquet_or_empty(layout.failures, FAILURE_SCHEMA).to_pandas()
-    bad = failures[failures.checkpoint.isin(disc.failed)
-                   & (failures.error_type == "OutputError")]
-    if bad.empty:
-        return
-    first = str(bad.error.iloc[0]).splitlines()[0]
-    raise OutputError(layout.root, f"{len(bad)} checkpoint(s) could not write their tables "
-                                   f"({first}); fix that and run again: complete checkpoints "
-                                   "are kept")
 
 
 @contextlib.contextmanager

@@ -724,7 +724,8 @@ def _log_mlflow(cfg: JobConfig, layout: JobLayout, manifest: pd.DataFrame, frame
             tags["near_chance"] = str(bool(per_ckpt.loc[cid, "near_chance"])).lower()
         if cid in prep.index:
             tags |= {k: str(v) for k, v in prep.loc[cid].items() if v is not None}
-        children.append(ChildRun(str(cid), params=hp.to_dict(), metrics=metrics, tags=tags))
+        children.append(ChildRun(str(cid), params=hp.to_dict(), metrics=metrics, tags=tags,
+                                 status="FINISHED" if cid in complete else "FAILED"))
     artifacts = [(p, "tables/evaluation") for p in result.tables.values()
                  if p.parent == layout.evaluation]
     artifacts += [(p, "figures") for p in result.figures]
