@@ -113,6 +113,26 @@ def test_weights_rewritten_recompute_but_touched_weights_do_not(tmp_path: Path,
     assert not third.reduce.skipped
 
 
+def test_changed_config_json_beside_the_weights_recomputes_with_the_new_normalization(
+        tmp_path: Path, local_ray, capsys) -> None:
+    """A hub-layout config.json sets the checkpoints' mean/std: editing it is a change of
+    input, like the weights themselves."""
+    import json
+
+    manifest = write_checkpoints(tmp_path, 2)
+    config = tmp_path / "weights" / "config.json"
+    config.write_text(json.dumps({"pretrained_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}))
+    cfg = _config(tmp_path, manifest)
+    run_pipeline(cfg)
+    config.write_text(json.dumps({"pretrained_cfg": {"mean": [0.2] * 3, "std": [0.3] * 3}}))
+    capsys.readouterr()
+    again = run_pipeline(cfg)
+    assert "weights.config changed" in capsys.readouterr().err
+    assert sorted(again.discover.done) == ["ckpt0", "ckpt1"] and not again.reduce.skipped
+    marker = pq.read_table(JobLayout.of(cfg.output_dir).marker("ckpt0")).to_pandas()
+    assert marker["mean"].map(lambda m: list(np.round(m, 6))).tolist() == [[0.2] * 3] * len(marker)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_damaged_or_missing_domain_file_is_named_by_reduce_and_recomputed_by_run(
         tmp_path: Path, local_ray, capsys, damage: str) -> None:
