@@ -41,7 +41,9 @@ from circuitray.models import (
     NORM_KEYS,
     OPTIONAL_COLUMNS,
     REQUIRED_COLUMNS,
+    parse_hub_weights,
     read_checkpoint_preprocessing,
+    read_error_reason,
     read_manifest,
     read_training_checkpoint,
     read_weights_shapes,
@@ -155,7 +157,7 @@ def scan(paths: Sequence[str | os.PathLike], *, task: str | None = None,
         try:
             found = _SCANNERS[src.kind](src, opts, unreadable, summary)
         except Exception as exc:  # unreadable, refused, misfit: listed, the scan goes on
-            unreadable.append((src.hub_id or str(src.path), _reason(exc)))
+            unreadable.append((src.hub_id or str(src.path), read_error_reason(exc)))
             continue
         summary.checkpoints = len(found)
         rows += [{"checkpoint_id": r.pop("checkpoint_id"), "task": opts.task, **opts.columns,
@@ -216,7 +218,12 @@ def _find_sources(paths: Sequence[str | os.PathLike], unreadable: list[tuple[str
     for raw in paths:
         text = str(raw)
         if text.startswith(HF_HUB_PREFIX):
-            sources.append(_Source("hf-hub", Path(text), hub_id=text))
+            try:
+                parse_hub_weights(text)
+            except ValueError as exc:
+                unreadable.append((text, str(exc)))
+            else:
+                sources.append(_Source("hf-hub", Path(text), hub_id=text))
             continue
         path = Path(text).resolve()
         before = len(sources), len(unreadable)
@@ -265,9 +272,11 @@ def _name_sources(sources: list[_Source]) -> None:
     """Checkpoint-id-safe names, unique: the folder's (or file's) name, then its parent's."""
     def base(src: _Source, depth: int) -> str:
         if src.hub_id:
-            parts = [src.hub_id.removeprefix(HF_HUB_PREFIX).split("@")[0].split("/")[-1]]
+            org, name = parse_hub_weights(src.hub_id)[0].split("/")
+            parts = [org, name] if depth else [name]
         else:
-            stem = src.path.name.split(".")[0] if src.kind == "file" else src.path.name
+            stem = src.path.name.removesuffix(src.path.suffix) if src.kind == "file" \
+                else src.path.name
             parts = [p.name for p in list(src.path.parents)[:depth]][::-1] + [stem]
         return _safe("-".join(p for p in parts if p))
 
@@ -329,8 +338,13 @@ def _scan_run(src: _Source, opts: _Options, unreadable: list[tuple[str, str]],
     for name in sorted(src.files):
         try:
             read.append(_read_train_file(src.path / name, key))
-        except Exception as exc:  # refused pickle, truncated zip, no state dict: list it
-            unreadable.append((str(src.path / name), _reason(exc)))
+        except _Unusable as exc:
+            unreadable.append((str(src.path / name), str(exc)))
+        except Exception as exc:  # refused pickle, truncated or foreign file: list it
+            reason = read_error_reason(exc)
+            if not reason.startswith("refused"):
+                reason = f"unreadable (truncated, or not written by torch.save): {reason}"
+            unreadable.append((str(src.path / name), reason))
     if not read:
         raise _Unusable("none of its checkpoints could be read")
     args = next((f.args for f in read if f.args), None) or _args_yaml(src.path, unreadable)
@@ -350,11 +364,13 @@ def _scan_run(src: _Source, opts: _Options, unreadable: list[tuple[str, str]],
         else:
             final_epoch = best
     accuracy = _logged_accuracy(src.path / "summary.csv", unreadable)
-    arch = (args or {}).get("model") or opts.arch
-    if not arch:
+    if (args or {}).get("model"):
+        arch, base_kwargs = str(args["model"]), _arch_kwargs_from_args(args)
+    elif opts.arch:  # not written by train.py: described like a plain file
+        arch, base_kwargs = opts.arch, dict(opts.arch_kwargs)
+    else:
         raise _Unusable("the checkpoints have no args.model and there is no args.yaml; "
                         "give --arch")
-    base_kwargs = {**opts.arch_kwargs, **_arch_kwargs_from_args(args or {})}
     size = _args_input_size(args or {})
     hyper = _hyperparameters(args or {})
     rows = []
@@ -363,7 +379,7 @@ def _scan_run(src: _Source, opts: _Options, unreadable: list[tuple[str, str]],
             num_classes = _num_classes(f.shapes, (args or {}).get("num_classes"), base_kwargs)
             kwargs = _fit_kwargs(arch, base_kwargs, num_classes, f.shapes, size)
         except (_Unusable, CircuitrayError, ValueError) as exc:
-            unreadable.append((str(f.path), _reason(exc)))
+            unreadable.append((str(f.path), read_error_reason(exc)))
             continue
         is_final = epoch == final_epoch
         cid = src.name + ("-ema" if opts.ema else "")
@@ -392,7 +408,7 @@ def _args_yaml(folder: Path, unreadable: list[tuple[str, str]]) -> dict[str, Any
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
-        unreadable.append((str(path), _reason(exc)))
+        unreadable.append((str(path), read_error_reason(exc)))
         return None
     return data if isinstance(data, dict) else None
 
@@ -408,7 +424,7 @@ def _logged_accuracy(path: Path, unreadable: list[tuple[str, str]]) -> dict[int,
         return {int(e): float(a) / 100.0 for e, a in zip(df["epoch"], df["eval_top1"],
                                                          strict=True) if not _missing(a)}
     except (OSError, ValueError, pd.errors.ParserError) as exc:
-        unreadable.append((str(path), f"logged accuracy not read: {_reason(exc)}"))
+        unreadable.append((str(path), f"logged accuracy not read: {read_error_reason(exc)}"))
         return {}
 
 
@@ -461,7 +477,7 @@ def _scan_hub(src: _Source, opts: _Options, unreadable: list[tuple[str, str]],
     try:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise _Unusable(f"{config_path}: {_reason(exc)}") from exc
+        raise _Unusable(f"{config_path}: {read_error_reason(exc)}") from exc
     if not isinstance(config, Mapping) or not config.get("architecture"):
         raise _Unusable(f"{config_path} names no 'architecture' (a timm hub config does; a "
                         "transformers config is not a timm model)")
@@ -473,7 +489,7 @@ def _scan_hub(src: _Source, opts: _Options, unreadable: list[tuple[str, str]],
                                {})
     model_args = config.get("model_args") or {}
     size = pretrained.get("input_size")
-    kwargs = _fit_kwargs(arch, {**opts.arch_kwargs, **model_args}, num_classes, shapes,
+    kwargs = _fit_kwargs(arch, model_args, num_classes, shapes,
                          int(size[-1]) if size else None)
     row = {"checkpoint_id": src.name, "arch": arch, "arch_kwargs": kwargs, "weights": entry,
            "num_classes": num_classes, "final": True, "checkpoint_kind": "hub",
@@ -542,7 +558,7 @@ def _fit_kwargs(arch: str, kwargs: Mapping[str, Any], num_classes: int,
             expected = _model_info(arch, json.dumps(candidate, sort_keys=True), num_classes)[0]
         except Exception as exc:  # unknown architecture, bad kwargs
             raise _Unusable(f"cannot build architecture '{arch}' with {candidate}: "
-                            f"{_reason(exc)}") from exc
+                            f"{read_error_reason(exc)}") from exc
         found = shape_problems(expected, shapes)
         if not found:
             return candidate
@@ -574,9 +590,13 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     for col in ("arch_kwargs", "classes", *NORM_KEYS):
         if col in df.columns:
-            df[col] = [v if _missing(v) or isinstance(v, str) and col == "interpolation"
-                       else json.dumps(_plain(v)) for v in df[col]]
+            df[col] = [json.dumps(_plain(v)) if isinstance(v, (list, tuple, Mapping)) else v
+                       for v in df[col]]  # lists and dicts as JSON text, like read_manifest
     df = df.dropna(axis=1, how="all")
+    for col in df.columns:  # integers stay integers where some rows have none (hub, files)
+        values = [r[col] for r in rows if not _missing(r.get(col))]
+        if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            df[col] = df[col].astype("Int64")
     order = [c for c in first if c in df.columns] + [c for c in df.columns if c not in first]
     return df[order].reset_index(drop=True)
 
@@ -593,14 +613,6 @@ def _plain(value: Any) -> Any:
 
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _reason(exc: BaseException) -> str:
-    """One line on why: a refused pickle says so; otherwise the error's first line."""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if "weights_only" in str(exc) or "Unpickl" in type(exc).__name__:
-        return f"refused: the pickle needs more than plain tensors to load ({text})"
-    return text
 
 
 def _parse_arch_kwargs(value: Mapping[str, Any] | str | None) -> dict[str, Any]:

@@ -227,7 +227,7 @@ def resolve_hub_weights(weights: str) -> str:
     where = f"{repo}{'@' + revision if revision else ''}"
     if _hf_offline():
         raise FileNotFoundError(
-            f"{weights}: {where} is not in the local Hugging Face cache "
+            f"{where} is not in the local Hugging Face cache "
             f"({cache_dir or HF_HUB_CACHE}; looked for {' or '.join(HUB_WEIGHTS_FILES)}), and "
             "HF_HUB_OFFLINE is set, so nothing is downloaded: download it where there is "
             f"network (`hf download {repo}`) or point HF_HUB_CACHE at a cache that has it")
@@ -245,7 +245,7 @@ def resolve_hub_weights(weights: str) -> str:
         except Exception:  # noqa: S110 - optional: only the normalization lives there
             pass
         return path
-    raise FileNotFoundError(f"{weights}: {where} is not in the local Hugging Face cache and "
+    raise FileNotFoundError(f"{where} is not in the local Hugging Face cache and "
                             f"could not be downloaded ({'; '.join(errors)})")
 
 
@@ -448,6 +448,14 @@ def read_checkpoint_preprocessing(weights: str) -> tuple[dict[str, Any], str] | 
     return None
 
 
+def read_error_reason(exc: BaseException) -> str:
+    """One line on why a weights file could not be read; a refused pickle says so."""
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "weights_only" in str(exc) or "Unpickl" in type(exc).__name__:
+        reason = f"refused: the pickle needs more than plain tensors to load ({reason})"
+    return reason
+
+
 def shape_problems(expected: Mapping[str, tuple[int, ...]],
                    found: Mapping[str, tuple[int, ...]]) -> list[str]:
     """Missing, unexpected and mis-shaped tensors of `found` against `expected` (name -> shape)."""
@@ -505,10 +513,8 @@ def load_checkpoint(row: Mapping[str, Any] | pd.Series) -> torch.nn.Module:
     try:
         state = _read_state_dict(local, key)
     except Exception as exc:  # SafetensorError, UnpicklingError, OSError, ...
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "weights_only" in str(exc) or "Unpickl" in type(exc).__name__:
-            reason = f"refused: the pickle needs more than plain tensors to load ({reason})"
-        raise CheckpointError(cid, weights, f"unreadable weights: {reason}") from exc
+        raise CheckpointError(cid, weights, f"unreadable weights: {read_error_reason(exc)}"
+                              ) from exc
     problems = check_state_dict(model, state)
     if problems:
         raise CheckpointError(cid, weights, "; ".join(problems))

@@ -38,7 +38,7 @@ def _args(**over) -> argparse.Namespace:
     """What timm's train.py stores as `args` (the options that matter here)."""
     values = dict(model=ARCH, model_kwargs=dict(MODEL_KWARGS), num_classes=2, img_size=16,
                   input_size=None, in_chans=None, gp=None, mean=TRAIN_MEAN, std=TRAIN_STD,
-                  interpolation="", crop_pct=None, drop=0.0, drop_path=0.1, drop_block=None,
+                  interpolation="", crop_pct=1.0, drop=0.0, drop_path=0.1, drop_block=None,
                   lr=1e-3, weight_decay=0.05, epochs=2, opt="adamw", momentum=0.9,
                   batch_size=8, sched="cosine", warmup_epochs=0, mixup=0.0, cutmix=0.0,
                   smoothing=0.1, aa=None, seed=0, model_ema=True, model_ema_decay=0.5,
@@ -177,6 +177,7 @@ def test_a_timm_training_run_becomes_one_row_per_epoch(zoo) -> None:
     assert [json.loads(v) for v in run["mean"]] == [TRAIN_MEAN] * 2
     assert [json.loads(v) for v in run["std"]] == [TRAIN_STD] * 2
     assert json.loads(run.input_size.iloc[0]) == [3, 16, 16]
+    assert set(run.crop_pct) == {1.0}  # --crop-pct, as train.py's eval loader used it
     assert "weights_key" not in rows.columns  # the model's own weights
 
 
