@@ -4,6 +4,7 @@
     circuitray discover conf/cluster.yaml          # the map stage only
     circuitray reduce conf/cluster.yaml --force    # recompute metrics/evaluation/MLflow
     circuitray demo                                # demo zoo -> pipeline -> paper-style table
+    circuitray manifest runs/ -o manifest.csv      # scan checkpoints into a manifest
 
 Config errors are reported (naming the key) before Ray or any model starts.
 """
@@ -17,7 +18,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -106,6 +106,25 @@ def _demo_zoo(zoo_conf: Path, zoo_dir: Path, overrides: list[str]) -> Path:
     return every if every.exists() else manifest
 
 
+def _manifest_command(args: argparse.Namespace) -> int:
+    """Scan checkpoints into a manifest; print what was found and what could not be read."""
+    from circuitray.errors import ConfigError, DataError
+    from circuitray.manifest_scan import format_summary, scan, write_manifest
+
+    if args.overrides:
+        raise ConfigError(f"circuitray manifest takes no key=value arguments: {args.overrides}")
+    result = scan(args.paths, task=args.task, data_root=args.data_root,
+                  id_domain=args.id_domain, ood_domain=args.ood_domain, ema=args.ema,
+                  final=args.final, arch=args.arch, arch_kwargs=args.arch_kwargs)
+    print(format_summary(result))
+    if result.rows.empty:
+        raise DataError(" ".join(args.paths), "no usable checkpoint found (see above)")
+    path = write_manifest(result, args.output)
+    print(f"wrote {len(result.rows)} checkpoint(s) of task '{result.rows['task'].iloc[0]}' "
+          f"to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuitray", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,6 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--zoo-out", default="runs/zoo-demo",
                       help="the demo zoo (shared with jobs/train_zoo.py's default)")
     demo.add_argument("--force", action="store_true", help="recompute reduce")
+    man = sub.add_parser("manifest", help="scan checkpoints (timm training runs, hub folders, "
+                                          "weights files) into a manifest")
+    man.add_argument("paths", nargs="+", metavar="PATH",
+                     help="folders (searched recursively), files, or hf-hub:<org>/<name>")
+    man.add_argument("-o", "--output", required=True, help="manifest to write (.csv/.parquet/.yaml)")
+    man.add_argument("--task", help="task of every row (default: the data root's name)")
+    man.add_argument("--data-root", help="DomainBed-style image root (column data_root)")
+    man.add_argument("--id-domain", help="ID domain folder (column id_domain)")
+    man.add_argument("--ood-domain", help="OOD domain folder (column ood_domain)")
+    man.add_argument("--ema", action="store_true",
+                     help="use a training checkpoint's EMA weights (state_dict_ema)")
+    man.add_argument("--final", choices=("last", "best"), default="last",
+                     help="a run's final checkpoint: its last epoch or model_best")
+    man.add_argument("--arch", help="timm architecture of plain weights files")
+    man.add_argument("--arch-kwargs", help='JSON kwargs of --arch, e.g. \'{"img_size": 32}\'')
+    man.set_defaults(overrides=[])
     return parser
 
 
@@ -140,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "manifest":
+            return _manifest_command(args)
         stages = {"discover": ["discover"], "reduce": ["reduce"]}.get(args.command)
         return _run(args, stages)
     except CircuitrayError as exc:

@@ -209,3 +209,19 @@ def test_unreadable_image_is_reported_once_for_every_checkpoint_before_any_model
     assert failures.error.str.contains(str(bad), regex=False).all()
     err = capsys.readouterr().err
     assert err.count(str(bad)) >= 1 and "cannot run" in err
+
+
+def test_weights_key_is_part_of_the_fingerprint(tmp_path: Path) -> None:
+    """The EMA and the raw weights of one training checkpoint are different models."""
+    from circuitray.runtime.plan import domain_inputs, domain_specs, fingerprint, manifest_rows
+
+    manifest = write_checkpoints(tmp_path, 1)
+    cfg = _config(tmp_path, manifest)
+    row = manifest_rows(cfg)[0]
+    spec = domain_specs(row, cfg)[0]
+    listings = {"id": "a", "ood": "b"}
+
+    def fp(r: dict) -> str:
+        return fingerprint(domain_inputs(r, spec, cfg, weights="w", listings=listings))
+
+    assert fp(row) != fp({**row, "weights_key": "state_dict_ema"})

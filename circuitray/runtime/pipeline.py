@@ -28,7 +28,6 @@ from circuitray.runtime.outputdir import check_output_dir
 from circuitray.runtime.reduce import ReduceResult, run_reduce
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @dataclass

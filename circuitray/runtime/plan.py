@@ -37,7 +37,7 @@ from circuitray.tables import FAILURE_SCHEMA, read_parquet_or_empty
 
 # Manifest columns that decide what a checkpoint computes (the rest are annotations).
 MODEL_COLUMNS = ("arch", "arch_kwargs", "num_classes", "classes", "mean", "std", "input_size",
-                 "interpolation", "crop_pct")
+                 "interpolation", "crop_pct", "weights_key")
 # data.* keys that choose WHICH domains run (each domain's own spec covers them), not how.
 _DOMAIN_SELECTION = {"root", "id_domain", "ood_domains", "shift_kinds", "shift_severities",
                      "proxy_kinds", "proxy_severities"}
