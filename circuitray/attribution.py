@@ -9,8 +9,8 @@ own backward pass), and all scores of a block are one matmul Δ[prefix, N·T·D]
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +23,7 @@ from circuitray.errors import ConfigError, InputError, TableError
 from circuitray.graph import ViTGraph
 from circuitray.hooks import ViTAdapter
 from circuitray.tables import EDGE_SCHEMA, conform
+from circuitray.torch_utils import eval_mode, split_batch
 
 # The allowed values of `attribute`'s options, defined once: the job config validates
 # against these too (circuitray.job_config.check_job_config).
@@ -115,17 +116,6 @@ def metric_per_example(logits: torch.Tensor, clean_logits: torch.Tensor,
 
 
 # -- batches and ablations --------------------------------------------------------------
-def split_batch(item: object, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Images and labels (None when absent) from a batch that is a tensor or a tuple."""
-    if torch.is_tensor(item):
-        return item, None
-    if isinstance(item, (tuple, list)) and item and torch.is_tensor(item[0]):
-        labels = item[1] if len(item) > 1 and torch.is_tensor(item[1]) else None
-        return item[0], labels
-    raise InputError(f"{where}: expected an image tensor or (images, labels, ...), "
-                     f"got {type(item).__name__}")
-
-
 def _labels_for(metric: str, labels: torch.Tensor | None, n: int, where: str,
                 device: torch.device) -> torch.Tensor | None:
     if metric != "ce":
@@ -324,17 +314,6 @@ def _mean_ablation(runner: _Runner, batches: Iterable, kind: str, cache_bytes: i
     if kind == "mean":
         abl = abl.mean(1, keepdim=True)
     return abl.unsqueeze(1), n, cache  # ã: [n_src, 1, T|1, D]
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) for reading node values; restores the caller's mode after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _device(device: str | torch.device | None) -> torch.device:

@@ -17,14 +17,13 @@ from circuitray.attribution import (
     _device,
     _labels_for,
     compute_ablation,
-    eval_mode,
     metric_per_example,
     node_values,
-    split_batch,
 )
 from circuitray.errors import ConfigError, InputError
 from circuitray.graph import ViTGraph
 from circuitray.hooks import ViTAdapter
+from circuitray.torch_utils import eval_mode, split_batch
 
 DEFAULT_SIZES = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
 

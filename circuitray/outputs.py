@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from circuitray.attribution import eval_mode, split_batch
 from circuitray.errors import InputError
 from circuitray.tables import OUTPUT_SCHEMA
+from circuitray.torch_utils import eval_mode, split_batch
 
 
 def softmax_stats(logits: np.ndarray) -> dict[str, np.ndarray]:
