@@ -93,3 +93,24 @@ def test_a_non_vit_model_is_refused():
 def test_graphs_compare_by_shape_and_are_hashable():
     assert ViTGraph(2, 3, "a") == ViTGraph(2, 3, "b") != ViTGraph(3, 2)
     assert len({ViTGraph(2, 3), ViTGraph(2, 3, "x")}) == 1
+
+
+def test_node_name_helpers_read_block_head_node_and_depth():
+    from circuitray.graph import node_block, node_depth, node_head, node_of
+
+    assert [node_of(n) for n in ("a3.h1<q>", "a3.h1", "m2", "input", "logits")] == [
+        "a3.h1", "a3.h1", "m2", "input", "logits"]
+    assert [node_block(n) for n in ("a3.h1<v>", "m12", "input", "logits")] == [3, 12, None, None]
+    assert [node_head(n) for n in ("a3.h10<k>", "a0.h0", "m1", "input")] == [10, 0, None, None]
+    g = ViTGraph(3, 2)
+    assert [node_depth(n, 3) for n in g.src_names] == g.src_depth.tolist()
+    assert [node_depth(n, 3) for n in g.dst_names] == g.dst_depth.tolist()
+
+
+@pytest.mark.parametrize("bad", ["a3", "m1<q>", "x0.h1", "a1.h2<z>", ""])
+def test_malformed_node_names_are_refused_naming_the_name(bad):
+    from circuitray.errors import TableError
+    from circuitray.graph import node_depth
+
+    with pytest.raises(TableError, match="node name"):
+        node_depth(bad, 4)
