@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -111,13 +110,6 @@ class ViTGraph:
         return hash((self.n_blocks, self.n_heads))
 
     # -- construction -------------------------------------------------------------------
-    @classmethod
-    def from_model(cls, model: Any) -> ViTGraph:
-        """Graph of a timm VisionTransformer; refuses variants it cannot represent."""
-        from circuitray.hooks import ViTAdapter  # lazy: keeps this module torch-free
-
-        return ViTAdapter(model).graph
-
     @classmethod
     def from_names(cls, src_names: list[str], dst_names: list[str],
                    model_name: str = "vit") -> ViTGraph:

@@ -20,7 +20,7 @@ from circuitray.attribution import (
     score_batch,
 )
 from circuitray.errors import ConfigError, InputError, UnsupportedModelError
-from circuitray.hooks import ViTAdapter
+from circuitray.families import ViTAdapter
 
 VARIANTS = {
     "plain": {},

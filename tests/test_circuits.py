@@ -11,8 +11,8 @@ from circuitray import attribute
 from circuitray.attribution import compute_ablation, metric_per_example, node_values
 from circuitray.circuits import faithfulness, prune, run_with_circuit, select_edges
 from circuitray.errors import ConfigError
+from circuitray.families import ViTAdapter
 from circuitray.graph import ViTGraph
-from circuitray.hooks import ViTAdapter
 
 
 @pytest.mark.parametrize("variant", [{}, {"reg_tokens": 2, "init_values": 0.3,
