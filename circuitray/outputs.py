@@ -51,8 +51,10 @@ def model_outputs(model: torch.nn.Module, batches: Iterable[Any], *, task: str,
             images, labels = split_batch(batch, f"checkpoint '{checkpoint}', domain "
                                                 f"'{domain}', batch {i}")
             images = images.to(device)
-            pooled = model.forward_head(model.forward_features(images), pre_logits=True)
-            logits = model.get_classifier()(pooled)
+            tokens = model.forward_features(images)
+            pooled = model.forward_head(tokens, pre_logits=True)
+            # not get_classifier()(pooled): a DeiT distilled has two heads on two tokens
+            logits = model.forward_head(tokens)
             if not torch.isfinite(logits).all():
                 raise InputError(f"checkpoint '{checkpoint}', domain '{domain}': non-finite "
                                  "logits")
