@@ -1,9 +1,9 @@
 """Per-example model outputs (OUTPUT_SCHEMA): what every output-based baseline needs.
 
-One forward pass per batch through timm's `forward_features` -> `forward_head(pre_logits=True)`
-gives the penultimate pooled features (RankMe, MMD) and, through the head, the logits from
-which softmax statistics, energy, temperature-scaled variants and BBSD are derived later,
-without running the model again.
+One forward pass per batch through timm's `forward_features`; `forward_head(pre_logits=True)`
+on its tokens gives the penultimate pooled features (RankMe, MMD) and `forward_head` the
+logits from which softmax statistics, energy, temperature-scaled variants and BBSD are
+derived later, without running the model again.
 """
 
 from __future__ import annotations
