@@ -171,3 +171,26 @@ def test_interrupted_logging_ends_the_parent_killed_and_an_error_failed(tmp_path
         exp_id = client.get_experiment_by_name("exp").experiment_id
         parent = [r for r in client.search_runs([exp_id]) if r.info.run_name == status][0]
         assert parent.info.status == status
+
+
+def test_store_failures_become_errors_naming_the_store(tmp_path) -> None:
+    """A full disk under the sqlite store (seen by the fault benchmark as a raw SQLAlchemy
+    traceback with exit 1) is an OutputError naming the database; other store failures are
+    a TrackingError naming the store."""
+    import sqlite3
+
+    from mlflow.exceptions import MlflowException
+
+    from circuitray.errors import OutputError, TrackingError
+    from circuitray.tracking import store_errors
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(OutputError, match=rf"cannot write {tmp_path}/mlflow.db: disk full"):
+        with store_errors(uri):
+            try:
+                raise sqlite3.OperationalError("database or disk is full")
+            except sqlite3.OperationalError as exc:
+                raise MlflowException("could not create table") from exc
+    with pytest.raises(TrackingError, match=r"MLflow store http://x:5000: .*refused"):
+        with store_errors("http://x:5000"):
+            raise MlflowException("API request failed: connection refused")

@@ -25,7 +25,13 @@ import pandas as pd
 import pyarrow as pa
 
 from circuitray.config import to_dict
-from circuitray.errors import CircuitrayError, MetricError, StaleResultError
+from circuitray.errors import (
+    CircuitrayError,
+    MetricError,
+    OutputError,
+    StaleResultError,
+    os_error_is_permanent,
+)
 from circuitray.evaluation import NEAR_CHANCE
 from circuitray.isolation import RECOVERABLE, MetricFailure, attempt, reasons
 from circuitray.job_config import JobConfig, ReduceConfig
@@ -446,8 +452,15 @@ def _note(notes: list[str], message: str) -> None:
 
 
 def _safe(fn: Any, notes: list[str], what: str) -> Any:
+    """`fn()`, or None with a note when the data do not allow it; an output that cannot be
+    written (disk full, read-only) is not a data problem and stops the job naming the path."""
     try:
         return fn()
+    except OSError as exc:
+        if os_error_is_permanent(exc):
+            raise OutputError.from_os_error(exc.filename or what, exc) from exc
+        _note(notes, f"{what} skipped: {exc}")
+        return None
     except RECOVERABLE as exc:
         _note(notes, f"{what} skipped: {exc}")
         return None
@@ -810,8 +823,11 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
                "checkpoints_with_reduce_failures": int(reduce_failures.checkpoint.nunique()),
                "domains": int(len(domains))}
     if cfg.tracking.enabled:
-        result.run_id = _log_mlflow(cfg, layout, manifest, frame, all_models, evals, result,
-                                    summary, domains, finals, reduce_failures)
+        from circuitray.tracking import default_tracking_uri, store_errors
+
+        with store_errors(cfg.tracking.uri or default_tracking_uri(layout.root)):
+            result.run_id = _log_mlflow(cfg, layout, manifest, frame, all_models, evals, result,
+                                        summary, domains, finals, reduce_failures)
     result.seconds = time.perf_counter() - start
     # the report a later up-to-date run reprints, then the stamp: both whole or not at all
     write_text_atomic(layout.evaluation / REPORT_NAME, format_report(result.frames))
