@@ -172,12 +172,34 @@ def _root_cause(exc: BaseException) -> BaseException:
     return seen
 
 
+def _create_sqlite_store(path: str) -> None:
+    """Create a new local sqlite store under a temporary name, then rename it: MLflow builds
+    its schema in many steps, and a full disk midway would leave a half-migrated database
+    that every later run refuses ("table _alembic_tmp_... already exists")."""
+    import uuid
+
+    final = Path(path)
+    if final.exists():
+        return
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @contextmanager
 def store_errors(uri: str) -> Iterator[None]:
     """MLflow or its database failing (a full disk, an unreachable server, a broken schema)
     becomes one CircuitrayError naming the store, not a SQLAlchemy traceback; a full disk
-    under a local sqlite store is an OutputError naming the database file."""
+    under a local sqlite store is an OutputError naming the database file. A new local
+    sqlite store is created whole or not at all."""
     try:
+        path = _store_file(uri)
+        if path is not None:
+            _create_sqlite_store(path)
         yield
     except CircuitrayError:
         raise
