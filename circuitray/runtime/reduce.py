@@ -875,6 +875,8 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
     for name, df in per.items():
         if not df.empty:
             result.tables[name] = write_parquet_atomic(df, layout.metrics / f"{name}.parquet")
+        else:  # e.g. no plug-in registered any more: no table left from an earlier run
+            (layout.metrics / f"{name}.parquet").unlink(missing_ok=True)
     result.tables["domains"] = write_parquet_atomic(frame, layout.metrics / "domains.parquet")
     result.tables["models"] = write_parquet_atomic(all_models, layout.metrics / "models.parquet")
     evals = evaluate_all(frame[frame.checkpoint.isin(finals)], models, cfg, result.notes)
