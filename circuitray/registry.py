@@ -256,7 +256,7 @@ def metric_columns(columns: Iterable[str], *, stage: Stage | None = None,
         if not isinstance(col, str) or not is_registered(col):
             continue
         spec = spec_for(col)
-        if kind is None and not spec.evaluated or kind is not None and spec.kind != kind:
+        if (not spec.evaluated) if kind is None else spec.kind != kind:
             continue
         if stage is not None and stage not in spec.stages:
             continue
