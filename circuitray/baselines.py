@@ -21,6 +21,7 @@ import scipy.stats
 
 from circuitray.errors import MetricError, TableError
 from circuitray.isolation import MetricFailure, attempt, reasons
+from circuitray.registry import family_columns
 from circuitray.tables import require_columns
 
 OUTPUT_COLUMNS = ("task", "checkpoint", "domain", "label", "pred", "max_prob", "neg_entropy",
@@ -223,9 +224,8 @@ def domain_accuracy(outputs: pa.Table | pd.DataFrame,
 LABELED_BASELINES = ("id_acc", "ac_ts", "atc_mc", "atc_ne", "atc_mc_ts", "atc_ne_ts", "doc",
                      "temperature")
 _NEEDS_LABELS = f"baselines needing ID labels ({', '.join(LABELED_BASELINES)})"
-BASELINE_COLUMNS = ("id_acc", "ac", "ac_ts", "ane", "energy", "atc_mc", "atc_ne", "atc_mc_ts",
-                    "atc_ne_ts", "doc", "nuclear", "nuclear_lo", "nuclear_hi", "mano", "mde",
-                    "rankme", "temperature")
+# The columns of each family are declared once, with their directions, in the registry.
+BASELINE_COLUMNS = family_columns("baselines")
 
 
 @dataclass
@@ -328,7 +328,7 @@ def pre_deployment_baselines(outputs: pa.Table | pd.DataFrame, *, id_domain: str
                                        *BASELINE_COLUMNS, "reason"])
 
 
-DETECTOR_COLUMNS = ("bbsd_stat", "bbsd_p", "bbsd_shift", "mmd2", "mmd_p", "mmd_shift")
+DETECTOR_COLUMNS = family_columns("detectors")
 
 
 def _id_outputs(rows: pd.DataFrame, where: str) -> tuple[np.ndarray, np.ndarray]:

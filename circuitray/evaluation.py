@@ -1,5 +1,8 @@
 """The paper's evaluation protocol (DESIGN §5), stricter: fixed directions, signed R², CIs.
 
+Each metric's expected direction is fixed in advance in `circuitray.registry` (an unknown
+metric is an error, never a guess); `direction` is re-exported here.
+
 Every metric — circuit-based or output-based — goes through the same functions, so the one
 result table compares like with like. Statistics on a zoo of 16–100 models are noisy, so each
 comes with a seeded 95% bootstrap interval; a zoo too small for a statistic yields NaN and a
@@ -12,37 +15,16 @@ Q_ij = sign(x_i−x_j)·sign(y_i−y_j)) are then matrix algebra over all replic
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 
+from circuitray import registry
 from circuitray.errors import MetricError
+from circuitray.registry import direction, is_circuit
 from circuitray.tables import require_columns
-
-# Expected sign of each metric's relation to accuracy, fixed before seeing any result.
-# Patterns are matched in order (fnmatch); an unknown metric is an error, never a guess.
-DIRECTIONS: tuple[tuple[str, int, str], ...] = (
-    ("ddb_*", +1, "deep-layer reliance generalizes better (paper §DDB)"),
-    ("css_*", -1, "a circuit that moved away from its ID form predicts an accuracy drop"),
-    ("id_acc", +1, "better in distribution, better out of it (accuracy-on-the-line)"),
-    ("ac", +1, "average max-softmax confidence"),
-    ("ac_ts", +1, "average max-softmax confidence after temperature scaling"),
-    ("ane", +1, "average negative entropy: less uncertain outputs"),
-    ("atc_*", +1, "ATC is itself a predicted accuracy"),
-    ("doc", +1, "DoC is itself a predicted accuracy"),
-    ("nuclear", +1, "confident and dispersed predictions (Deng 2023)"),
-    ("mano", +1, "larger normalized-logit norm, higher accuracy (MaNo)"),
-    ("mde", +1, "MDE = log(logsumexp E − mean E): wider energy gap, more ID-like (Peng 2024)"),
-    ("energy", -1, "mean energy −logsumexp(logits): lower is more in-distribution"),
-    ("rankme", +1, "higher effective rank of features, better representation (RankMe)"),
-    ("bbsd_stat", -1, "larger KS statistic, larger label/covariate shift"),
-    ("bbsd_p", +1, "higher p-value, less evidence of shift"),
-    ("mmd2", -1, "larger MMD², larger feature shift"),
-    ("mmd_p", +1, "higher p-value, less evidence of shift"),
-)
 
 # The paper's composite scores (R², SRCC, KRCC averaged), for printing beside ours.
 PAPER_RESULTS: dict[str, dict[str, float]] = {
@@ -53,17 +35,9 @@ STATS = ("r", "r2_signed", "srcc", "krcc", "composite")
 DEFAULT_DELTAS = (0.8, 0.825, 0.85, 0.875, 0.9)
 
 
-def direction(metric: str) -> int:
-    """+1 if larger values should mean higher accuracy, −1 if lower; MetricError if unknown."""
-    for pattern, sign, _ in DIRECTIONS:
-        if fnmatch.fnmatchcase(metric, pattern):
-            return sign
-    raise MetricError(f"metric '{metric}' has no expected direction in evaluation.DIRECTIONS; "
-                      "add one before evaluating it")
-
-
 def is_circuit_metric(metric: str) -> bool:
-    return metric.startswith(("ddb_", "css_", "lam_"))
+    """Computed from circuits (the registry's kind "circuit"), not from the outputs."""
+    return is_circuit(metric)
 
 
 # ---- weighted (bootstrap) statistics ---------------------------------------------------------
@@ -466,7 +440,8 @@ def result_table(pre: pd.DataFrame | None = None, post: pd.DataFrame | None = No
     """Every circuit metric and every baseline side by side: one row per metric, columns
     pre_/post_ statistics with their intervals (averages over tasks/models), alarm F1 and
     AUROC (averaged over δ and tasks), the paper's composite where it reported one, and
-    `kind` (circuit / baseline). Sorted by pre-deployment composite, best first."""
+    `kind` (the registry's: circuit / output / detector). Sorted by pre-deployment
+    composite, best first."""
     parts = []
     for prefix, table in (("pre", pre), ("post", post)):
         if table is None:
@@ -488,8 +463,7 @@ def result_table(pre: pd.DataFrame | None = None, post: pd.DataFrame | None = No
     out = pd.concat(parts, axis=1)
     out.index.name = "metric"
     out = out.reset_index()
-    out.insert(1, "kind", np.where([is_circuit_metric(m) for m in out.metric], "circuit",
-                                   "baseline"))
+    out.insert(1, "kind", [registry.kind(m) for m in out.metric])
     out["paper_pre_composite"] = out.metric.map(PAPER_RESULTS["pre"])
     out["paper_post_composite"] = out.metric.map(PAPER_RESULTS["post"])
     key = "pre_composite" if "pre_composite" in out else out.columns[2]

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from circuitray.evaluation import NEAR_CHANCE, PAPER_RESULTS
+from circuitray.registry import ordered
 
 
 def _cell(row: pd.Series, stat: str) -> str:
@@ -30,13 +31,17 @@ def _count(row: pd.Series) -> str:
 
 
 def _stat_block(table: pd.DataFrame, title: str, paper: dict[str, float]) -> list[str]:
-    """One line per metric: its statistics, n (the points that entered them) and the paper's
-    composite; a metric whose n is below the others' lost points to NaN (see `reason`)."""
+    """One line per metric, in registry order (circuit metrics, then output-based, then
+    shift detectors; `registry.ordered`) so every task's block reads the same way and no
+    order is chosen after seeing the numbers: its statistics, n (the points that entered
+    them) and the paper's composite; a metric whose n is below the others' lost points to
+    NaN (see `reason`)."""
     head = (f"  {'metric':<22}{'n':>5}{'R² (signed)':>22}{'SRCC':>22}{'KRCC':>22}"
             f"{'composite':>22}{'paper':>8}")
     lines = [title, head]
-    for _, row in table.sort_values("composite", ascending=False,
-                                    na_position="last").iterrows():
+    rank = {m: i for i, m in enumerate(ordered(dict.fromkeys(table["metric"])))}
+    for _, row in table.sort_values("metric", key=lambda m: m.map(rank),
+                                    kind="stable").iterrows():
         ref = paper.get(row["metric"])
         lines.append(f"  {row['metric']:<22}{_count(row):>5}" + "".join(
             f"{_cell(row, s):>22}" for s in ("r2_signed", "srcc", "krcc", "composite"))
@@ -107,7 +112,8 @@ def _warnings(frames: dict[str, pd.DataFrame]) -> list[str]:
 
 
 def format_report(frames: dict[str, pd.DataFrame]) -> str:
-    """Each metric's R²/SRCC/KRCC/composite with 95% CIs and n per task, and alarm F1/AUROC,
+    """Each metric's R²/SRCC/KRCC/composite with 95% CIs and n per task, and alarm F1/AUROC
+    (metrics in registry order, the same in every block),
     beside the paper's published composites (whatever our numbers say); first the warnings
     (near-chance checkpoints, metrics that could not be computed), and the tasks too small to
     evaluate."""
@@ -132,7 +138,10 @@ def format_report(frames: dict[str, pd.DataFrame]) -> str:
         out.append("\nSILENT-FAILURE ALARM (δ' calibrated on proxy corruptions, mean over δ)")
         out.append(f"  {'task':<26}{'metric':<22}{'F1':>8}{'AUROC':>8}"
                    f"{'failing domains (summed over δ)':>33}")
-        mean = alarm[alarm.level == "mean"].sort_values(["task", "f1"], ascending=[True, False])
+        mean = alarm[alarm.level == "mean"]
+        rank = {m: i for i, m in enumerate(ordered(dict.fromkeys(mean["metric"])))}
+        mean = mean.assign(_rank=mean["metric"].map(rank)).sort_values(
+            ["task", "_rank"], kind="stable")
         for _, row in mean.iterrows():
             f1 = f"{row['f1']:.3f}" if np.isfinite(row["f1"]) else "n/a"
             au = f"{row['auroc']:.3f}" if np.isfinite(row["auroc"]) else "n/a"

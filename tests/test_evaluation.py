@@ -191,7 +191,7 @@ def test_result_table_puts_circuit_metrics_and_baselines_side_by_side() -> None:
     pre = pre_deployment(f, metrics=["ddb_out_0.3", "ac"], n_boot=50)
     table = result_table(pre=pre)
     assert list(table.metric) == ["ddb_out_0.3", "ac"]  # sorted by composite, best first
-    assert list(table.kind) == ["circuit", "baseline"]
+    assert list(table.kind) == ["circuit", "output"]  # the registry's kinds
     assert table.paper_pre_composite.tolist() == [PAPER_RESULTS["pre"]["ddb_out_0.3"],
                                                   PAPER_RESULTS["pre"]["ac"]]
     for col in ("pre_composite", "pre_composite_lo", "pre_composite_hi", "pre_srcc_lo"):
@@ -225,7 +225,7 @@ def test_result_table_joins_pre_post_and_alarm_rows_per_metric() -> None:
     assert table.loc["css_srcc", "post_composite"] > 0.5
     assert table.loc["css_srcc", "paper_post_composite"] == PAPER_RESULTS["post"]["css_srcc"]
     assert table.loc["css_srcc", "alarm_auroc"] > table.loc["ac", "alarm_auroc"]
-    assert table.loc["css_srcc", "kind"] == "circuit" and table.loc["ac", "kind"] == "baseline"
+    assert table.loc["css_srcc", "kind"] == "circuit" and table.loc["ac", "kind"] == "output"
 
 
 def test_direction_patterns_do_not_swallow_other_columns() -> None:

@@ -14,7 +14,7 @@ import json
 import sys
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from circuitray import registry
 from circuitray.config import to_dict
 from circuitray.errors import (
     CircuitrayError,
@@ -35,6 +36,16 @@ from circuitray.errors import (
 from circuitray.evaluation import NEAR_CHANCE
 from circuitray.isolation import RECOVERABLE, MetricFailure, attempt, reasons
 from circuitray.job_config import JobConfig, ReduceConfig
+from circuitray.registry import (
+    PLUGINS,
+    SOURCES,
+    MetricSpec,
+    families,
+    family_columns,
+    lambda_columns,
+    lambda_size,
+    metric_columns,
+)
 from circuitray.report import format_report
 from circuitray.runtime.files import write_text_atomic
 from circuitray.runtime.layout import JobLayout, safe_name
@@ -68,8 +79,9 @@ class ReduceResult:
 
 def fingerprint(plan: JobPlan, cfg: JobConfig, failed: set[str]) -> str:
     """Hash of every input reduce reads: each planned domain's fingerprint and file checksums,
-    which checkpoints failed, the manifest (its annotations become columns), and the reduce
-    and tracking settings. Equal hashes mean equal tables."""
+    which checkpoints failed, the manifest (its annotations become columns), the reduce
+    and tracking settings, and the registered plug-in metrics. Equal hashes mean equal
+    tables."""
     import circuitray
     from circuitray.runtime.files import checksum_file
 
@@ -82,11 +94,11 @@ def fingerprint(plan: JobPlan, cfg: JobConfig, failed: set[str]) -> str:
                      f"{rec.get('outputs_checksum')};".encode())
     h.update(json.dumps({"reduce": to_dict(cfg.reduce), "tracking": to_dict(cfg.tracking),
                          "manifest": [cfg.manifest, checksum_file(cfg.manifest)],
+                         "plugins": [registry.describe(p) for p in registry.plugins()],
                          "circuitray": circuitray.__version__}, sort_keys=True).encode())
     return h.hexdigest()
 
 
-_PARTS = ("depth", "shift", "baselines", "detectors", "accuracy")
 _SORT_KEYS = ("task", "checkpoint", "domain", "method")
 
 
@@ -147,43 +159,72 @@ def _with_rows_for(frame: pd.DataFrame | None, files: CheckpointFiles, domains: 
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-def _depth_part(files: CheckpointFiles, edges: Mapping[str, pa.Table | None],
-                read_errors: Mapping[str, str], r: ReduceConfig,
-                fails: list[MetricFailure]) -> pd.DataFrame:
+@dataclass
+class _Source:
+    """What the families of one source ("edges" or "outputs") see for ONE checkpoint: per
+    domain its table (None where unreadable, with the reason in `read_errors`), the config,
+    and the failures list every family appends to."""
+
+    files: CheckpointFiles
+    r: ReduceConfig
+    tables: dict[str, pa.Table | None]
+    read_errors: dict[str, str]
+    fails: list[MetricFailure]
+    _frame: pd.DataFrame | None = None
+    _pandas: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    def pandas(self, domain: str) -> pd.DataFrame | None:
+        """One domain's table as pandas (converted once)."""
+        table = self.tables.get(domain)
+        if table is None:
+            return None
+        if domain not in self._pandas:
+            self._pandas[domain] = table.to_pandas()
+        return self._pandas[domain]
+
+    def frame(self) -> pd.DataFrame | None:
+        """Every readable domain's rows in one frame (what baselines.py's functions take)."""
+        if self._frame is None:
+            parts = [self.pandas(d) for d in self.tables if self.tables[d] is not None]
+            self._frame = pd.concat(parts, ignore_index=True) if parts else None
+        return self._frame
+
+
+def _depth_part(src: _Source) -> pd.DataFrame:
     """Λ and DDB of each domain's circuit, one domain at a time."""
     from circuitray.metrics.depth import ddb_column, depth_metrics
 
+    files, r = src.files, src.r
     ddb = [ddb_column(t, tau) for tau in r.taus for t in r.targets]
     frames = []
-    for dom, table in edges.items():
+    for dom, table in src.tables.items():
         local: list[MetricFailure] = []
         res = None if table is None else attempt(
             partial(depth_metrics, table, taus=tuple(r.taus), targets=tuple(r.targets)), local,
             "depth", task=files.task, checkpoint=files.checkpoint, domain=dom)
         if res is None:
             frames.append(pd.DataFrame([_keys_row(
-                files, dom, reasons(local, dom, read_errors.get(dom, "")), ddb)]))
+                files, dom, reasons(local, dom, src.read_errors.get(dom, "")), ddb)]))
         else:
             notes = res["note"].fillna("").str.strip("; ")
             res["reason"] = np.where(notes != "", "depth: " + notes, "")
             frames.append(res)
-        fails.extend(local)
+        src.fails.extend(local)
     return pd.concat(frames, ignore_index=True)
 
 
-def _shift_part(files: CheckpointFiles, edges: Mapping[str, pa.Table | None],
-                read_errors: Mapping[str, str], r: ReduceConfig,
-                fails: list[MetricFailure]) -> pd.DataFrame | None:
+def _shift_part(src: _Source) -> pd.DataFrame | None:
     """CSS of each non-ID domain's circuit against the ID circuit, one pair at a time."""
     from circuitray.metrics.shift import css_column, shift_scores
 
+    files, r = src.files, src.r
     cols = [css_column(v) for v in r.css_variants]
-    ref = edges.get(files.id_domain)
+    ref = src.tables.get(files.id_domain)
     no_ref = "" if ref is not None else (
         f"css: needs the ID circuit on '{files.id_domain}': "
-        f"{read_errors.get(files.id_domain, 'not in the marker')}")
+        f"{src.read_errors.get(files.id_domain, 'not in the marker')}")
     frames = []
-    for dom, table in edges.items():
+    for dom, table in src.tables.items():
         if dom == files.id_domain:
             continue
         local: list[MetricFailure] = []
@@ -195,103 +236,160 @@ def _shift_part(files: CheckpointFiles, edges: Mapping[str, pa.Table | None],
                 local, "css", task=files.task, checkpoint=files.checkpoint, domain=dom)
         if res is None:
             frames.append(pd.DataFrame([_keys_row(
-                files, dom, reasons(local, dom, read_errors.get(dom, ""), no_ref), cols)]))
+                files, dom, reasons(local, dom, src.read_errors.get(dom, ""), no_ref), cols)]))
         else:
             frames.append(res.assign(reason=""))
-        fails.extend(local)
+        src.fails.extend(local)
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def _outputs_part(name: str, fn: Any, table: pd.DataFrame | None, files: CheckpointFiles,
-                  domains: Sequence[str], read_errors: Mapping[str, str],
-                  fails: list[MetricFailure], columns: Sequence[str]) -> pd.DataFrame:
+def _outputs_part(name: str, fn: Any, src: _Source, domains: Sequence[str],
+                  columns: Sequence[str]) -> pd.DataFrame:
     """`fn(table, failures)`, a baselines.py table function that isolates each domain and
     metric itself, over the readable outputs; a table-level error makes the family NaN for
     the whole checkpoint, and domains whose outputs were unreadable get NaN rows saying so."""
+    files, table = src.files, src.frame()
     local: list[MetricFailure] = []
-    why = dict(read_errors)
+    why = dict(src.read_errors)
     res = None
     if table is not None:
         res = attempt(partial(fn, table, local), local, name, task=files.task,
                       checkpoint=files.checkpoint, domain="(all)")
         if res is None:
             why = {d: why.get(d) or local[-1].reason for d in domains}
-    fails.extend(local)
+    src.fails.extend(local)
     return _with_rows_for(res, files, domains, why, columns)
 
 
-def checkpoint_metrics(files: CheckpointFiles, r: ReduceConfig, threads: int = 1
-                       ) -> dict[str, pd.DataFrame]:
-    """Depth metrics, CSS, baselines, detectors and accuracy of ONE checkpoint's files.
+def _accuracy_part(src: _Source) -> pd.DataFrame:
+    from circuitray.baselines import domain_accuracy
+
+    return _outputs_part("accuracy", domain_accuracy, src, list(src.tables),
+                         family_columns("accuracy"))
+
+
+def _baselines_part(src: _Source) -> pd.DataFrame:
+    from circuitray.baselines import BASELINE_COLUMNS, pre_deployment_baselines
+
+    return _outputs_part("baselines", lambda t, f: pre_deployment_baselines(
+        t, id_domain=src.files.id_domain, failures=f), src, list(src.tables), BASELINE_COLUMNS)
+
+
+def _detectors_part(src: _Source) -> pd.DataFrame | None:
+    from circuitray.baselines import DETECTOR_COLUMNS, shift_detectors
+
+    others = [d for d in src.tables if d != src.files.id_domain]
+    if not others:
+        return None
+    return _outputs_part("detectors", lambda t, f: shift_detectors(
+        t, id_domain=src.files.id_domain, seed=src.r.seed, failures=f),
+        src, others, DETECTOR_COLUMNS).astype({"bbsd_shift": "boolean", "mmd_shift": "boolean"})
+
+
+# The code of each built-in family the registry declares (registry.families()).
+_FAMILIES: dict[str, Callable[[_Source], pd.DataFrame | None]] = {
+    "accuracy": _accuracy_part, "depth": _depth_part, "shift": _shift_part,
+    "baselines": _baselines_part, "detectors": _detectors_part}
+
+
+def _plugin_value(spec: MetricSpec, table: pd.DataFrame, ref: pd.DataFrame) -> float:
+    """`spec.compute` on one domain, checked to be one number."""
+    assert spec.compute is not None
+    value = np.asarray(spec.compute(table, ref, **spec.params), dtype=np.float64)
+    if value.shape != ():
+        raise MetricError(f"{spec.name}: compute returned an array of shape {value.shape}, "
+                          "expected one number")
+    return float(value)
+
+
+def _plugins_part(src: _Source, specs: Sequence[MetricSpec]) -> pd.DataFrame:
+    """Every plug-in metric of this source on every domain: `compute(domain table, ID
+    table, **params)`, each value isolated (NaN and a reason when it fails)."""
+    files = src.files
+    ref = src.pandas(files.id_domain)
+    no_ref = "" if ref is not None else (
+        f"plug-in metrics need the ID domain '{files.id_domain}': "
+        f"{src.read_errors.get(files.id_domain, 'not in the marker')}")
+    rows = []
+    for dom in src.tables:
+        local: list[MetricFailure] = []
+        row = _keys_row(files, dom, "", [s.name for s in specs])
+        table = src.pandas(dom)
+        if table is not None and ref is not None:
+            for spec in specs:
+                value = attempt(partial(_plugin_value, spec, table, ref), local, spec.name,
+                                task=files.task, checkpoint=files.checkpoint, domain=dom)
+                row[spec.name] = np.nan if value is None else value
+        row["reason"] = reasons(local, dom, src.read_errors.get(dom, ""),
+                                no_ref if table is not None else "")
+        rows.append(row)
+        src.fails.extend(local)
+    return pd.DataFrame(rows)
+
+
+def _merge_parts(a: pd.DataFrame | None, b: pd.DataFrame) -> pd.DataFrame:
+    """Two frames of the same family (plug-ins of both sources), one row per domain."""
+    if a is None:
+        return b
+    both = a.merge(b, on=KEYS, how="outer", suffixes=("", "_2"))
+    both["reason"] = _join_reasons(both[["reason", "reason_2"]])
+    return both.drop(columns="reason_2")
+
+
+def checkpoint_metrics(files: CheckpointFiles, r: ReduceConfig, threads: int = 1,
+                       plugins: Sequence[MetricSpec] | None = None) -> dict[str, pd.DataFrame]:
+    """Every registered metric family of ONE checkpoint's files: the built-in families
+    (registry.families(): accuracy, depth, CSS, baselines, detectors), then the plug-in
+    metrics (`plugins`, by default registry.plugins(); passed explicitly to a Ray task,
+    whose process has only the built-ins registered) as the "plugins" frame.
 
     Pure (files in, frames out), so it runs inline or as a Ray task next to the data. It does
     not raise for its data: every family is computed per domain (CSS and detectors against
     the ID domain); what cannot be computed is NaN with a `reason`, and comes back as rows of
     the "failures" frame (FAILURE_SCHEMA, stage "reduce"), so a Ray task never fails for it.
+    Edges are read first and released before the outputs are read: one table kind at a time.
     """
     from threadpoolctl import threadpool_limits
 
-    from circuitray.baselines import (
-        BASELINE_COLUMNS,
-        DETECTOR_COLUMNS,
-        domain_accuracy,
-        pre_deployment_baselines,
-        shift_detectors,
-    )
-
+    plugins = registry.plugins() if plugins is None else tuple(plugins)
     fails: list[MetricFailure] = []
     out: dict[str, pd.DataFrame] = {}
     where = {"task": files.task, "checkpoint": files.checkpoint}
     try:
         with threadpool_limits(threads):
-            read_errors: dict[str, str] = {}
-
-            def read(kind: str, paths: Mapping[str, str]) -> dict[str, Any]:
-                tables = {}
+            for source in SOURCES:
+                paths = files.edges if source == "edges" else files.outputs
+                src = _Source(files, r, {}, {}, fails)
                 for dom, path in paths.items():
-                    tables[dom] = attempt(partial(_read_table, path, files.checksums[path]),
-                                          fails, f"read {kind}", domain=dom, **where)
-                    if tables[dom] is None:
-                        read_errors[dom] = fails[-1].reason
-                return tables
-
-            edges = read("edges", files.edges)
-            out["depth"] = _depth_part(files, edges, read_errors, r, fails)
-            shift = _shift_part(files, edges, read_errors, r, fails)
-            if shift is not None:
-                out["shift"] = shift
-            del edges
-            read_errors.clear()
-            outputs = [t.to_pandas() for t in read("outputs", files.outputs).values()
-                       if t is not None]
-            table = pd.concat(outputs, ignore_index=True) if outputs else None
-            domains = list(files.outputs)
-            others = [d for d in domains if d != files.id_domain]
-            out["accuracy"] = _outputs_part(
-                "accuracy", domain_accuracy, table, files, domains, read_errors, fails,
-                ["accuracy"])
-            out["baselines"] = _outputs_part(
-                "baselines", lambda t, f: pre_deployment_baselines(
-                    t, id_domain=files.id_domain, failures=f),
-                table, files, domains, read_errors, fails, BASELINE_COLUMNS)
-            if others:
-                out["detectors"] = _outputs_part(
-                    "detectors", lambda t, f: shift_detectors(
-                        t, id_domain=files.id_domain, seed=r.seed, failures=f),
-                    table, files, others, read_errors, fails, DETECTOR_COLUMNS).astype(
-                    {"bbsd_shift": "boolean", "mmd_shift": "boolean"})
+                    src.tables[dom] = attempt(partial(_read_table, path, files.checksums[path]),
+                                              fails, f"read {source}", domain=dom, **where)
+                    if src.tables[dom] is None:
+                        src.read_errors[dom] = fails[-1].reason
+                for name in families(source):
+                    res = _FAMILIES[name](src)
+                    if res is not None:
+                        out[name] = res
+                mine = [p for p in plugins if p.source == source]
+                if mine:
+                    out[PLUGINS] = _merge_parts(out.get(PLUGINS), _plugins_part(src, mine))
+                del src  # this source's tables go before the next source is read
     except StaleResultError:
         raise
     except Exception as exc:  # a bug must not cost the other checkpoints: record, go on
         fails.append(MetricFailure("reduce (internal error)", files.task, files.checkpoint, "(all)",
                                    type(exc).__name__,
                                    f"{exc}\n{''.join(traceback.format_exception(exc)[-3:])}"))
-        out = {k: v for k, v in out.items() if k in _PARTS}
+        out = {k: v for k, v in out.items() if k in _parts()}
     out = {k: _sorted(v) for k, v in out.items()}
     out["failures"] = pd.DataFrame(
         [{"checkpoint": f.checkpoint, "stage": "reduce", "error_type": f.error_type,
           "error": f.describe()} for f in fails], columns=FAILURE_SCHEMA.names)
     return out
+
+
+def _parts() -> tuple[str, ...]:
+    """The metrics/ tables reduce writes per family, in registry order, plug-ins last."""
+    return (*families(), PLUGINS)
 
 
 def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
@@ -311,23 +409,24 @@ def _per_checkpoint(layout: JobLayout, domains: pd.DataFrame, cfg: JobConfig
     args = [checkpoint_files(layout, doms)
             for _, doms in domains.groupby(["task", "checkpoint"], sort=True)]
     results: list[dict[str, pd.DataFrame]] = [{} for _ in args]
+    plugins = registry.plugins()  # a Ray worker's registry holds only the built-ins
     if ray.is_initialized() and len(args) > 1:
         from circuitray.runtime.ray_utils import iter_completed
 
         task_fn = ray.remote(num_cpus=1, max_retries=cfg.resources.max_retries)(
             checkpoint_metrics)
-        refs = [task_fn.remote(a, cfg.reduce) for a in args]
+        refs = [task_fn.remote(a, cfg.reduce, 1, plugins) for a in args]
         for i, res in iter_completed(refs, "reduce metrics"):
             results[i] = res
     else:
         start = time.monotonic()
         for i, a in enumerate(args):
-            results[i] = checkpoint_metrics(a, cfg.reduce)
+            results[i] = checkpoint_metrics(a, cfg.reduce, plugins=plugins)
             if (i + 1) % 25 == 0 or i + 1 == len(args):
                 print(f"[reduce] metrics {i + 1}/{len(args)} checkpoints, "
                       f"{time.monotonic() - start:.0f}s", file=sys.stderr, flush=True)
     out = {}
-    for k in (*_PARTS, "failures"):
+    for k in (*_parts(), "failures"):
         parts = [res[k] for res in results if k in res and not res[k].empty]
         out[k] = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     out = {k: v if k == "failures" else _sorted(v) for k, v in out.items()}
@@ -352,24 +451,6 @@ def write_reduce_failures(layout: JobLayout, failures: pd.DataFrame) -> None:
             old.unlink()
 
 
-def _numeric_metrics(frame: pd.DataFrame, exclude: set[str]) -> list[str]:
-    """Columns evaluation knows a direction for (unknown columns are left out, not guessed)."""
-    from circuitray.evaluation import direction
-
-    out = []
-    for col in frame.columns:
-        if (col in exclude or col.endswith(("_lo", "_hi"))
-                or not pd.api.types.is_numeric_dtype(frame[col])
-                or pd.api.types.is_bool_dtype(frame[col])):
-            continue
-        try:
-            direction(col)
-        except MetricError:
-            continue
-        out.append(col)
-    return out
-
-
 def _join_reasons(columns: pd.DataFrame) -> pd.Series:
     """Row-wise "; "-join of reason columns, each fragment once (a read error shows in every
     family that needed the file)."""
@@ -384,11 +465,15 @@ def _join_reasons(columns: pd.DataFrame) -> pd.Series:
 
 
 def domain_frame(domains: pd.DataFrame, per: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """One row per (task, checkpoint, domain): role, accuracy, DDB/Λ, CSS and baselines, and
-    `reason`: why any of its values is NaN (every family's reasons, joined)."""
+    """One row per (task, checkpoint, domain): role, accuracy, DDB/Λ, CSS, baselines,
+    detectors and plug-in metrics (families in registry order), and `reason`: why any of its
+    values is NaN (every family's reasons, joined).
+
+    Every column a family adds must be registered (registry.spec_for): an unknown one is a
+    MetricError naming it, never a column that evaluation silently leaves out."""
     frame = domains[KEYS + ["role", "kind", "severity", "n_examples"]].copy()
     reason_cols = []
-    for name in ("accuracy", "depth", "shift", "baselines", "detectors"):
+    for name in _parts():
         part = per.get(name)
         if part is None or part.empty:
             continue
@@ -398,6 +483,9 @@ def domain_frame(domains: pd.DataFrame, per: dict[str, pd.DataFrame]) -> pd.Data
             reason_cols.append(f"_reason_{name}")
         part = part.drop(columns=[c for c in part.columns
                                   if c in frame.columns and c not in KEYS])
+        registry.check_columns([c for c in part.columns
+                                if c not in KEYS and not c.startswith("_reason_")],
+                               f"metric family '{name}'")
         frame = frame.merge(part, on=KEYS, how="left")
     frame["reason"] = _join_reasons(frame[reason_cols])
     return _sorted(frame.drop(columns=reason_cols))
@@ -499,11 +587,9 @@ def evaluate_all(frame: pd.DataFrame, models: pd.DataFrame, cfg: JobConfig,
 
     r = cfg.reduce
     kw = {"n_boot": r.n_boot, "seed": r.seed}
-    keys = set(KEYS) | {"role", "kind", "severity", "n_examples", "accuracy", "ood_acc",
-                        "epoch", "final", "rho", "lr", "epochs", "seed"}
-    # shift detectors compare a deployment domain with ID data: post-deployment only
-    pre_metrics = [m for m in _numeric_metrics(models, keys)
-                   if not m.startswith(("lam_", "css_", "bbsd_", "mmd"))]
+    # which stage evaluates which metric is the registry's (e.g. CSS and shift detectors
+    # compare a deployment domain with ID data: post-deployment only)
+    pre_metrics = metric_columns(models.columns, stage="pre")
     out: dict[str, pd.DataFrame] = {}
     if not models.empty and pre_metrics:
         usable = ev.usable_checkpoints(models, metrics=pre_metrics, target="ood_acc")
@@ -531,8 +617,8 @@ def evaluate_all(frame: pd.DataFrame, models: pd.DataFrame, cfg: JobConfig,
                               ok, notes, "within-group evaluation")
                 if wg is not None:
                     out["within_group"] = wg
-            circuit = [m for m in pre_metrics if ev.is_circuit_metric(m)]
-            base = [m for m in pre_metrics if not ev.is_circuit_metric(m)]
+            circuit = metric_columns(pre_metrics, kind="circuit")
+            base = [m for m in pre_metrics if m not in circuit]
             if circuit and base:
                 pc = _by_task(lambda f: ev.partial_correlations(
                     f, circuit_metrics=circuit, baselines=base, target="ood_acc", by=by, **kw),
@@ -541,17 +627,17 @@ def evaluate_all(frame: pd.DataFrame, models: pd.DataFrame, cfg: JobConfig,
                     out["partial"] = pc
     shift = frame[frame.role == "shift"]
     proxy = frame[frame.role == "proxy"]
-    post_metrics = [m for m in _numeric_metrics(shift, keys | {"id_acc"})
-                    if not m.startswith(("lam_", "ddb_"))]
+    post_metrics = metric_columns(shift.columns, stage="post")
+    alarm_metrics = metric_columns(shift.columns, stage="alarm")
     if not shift.empty and post_metrics:
         post = _by_task(lambda f: ev.post_deployment(f, metrics=post_metrics,
                                                      target="accuracy", **kw),
                         shift, notes, "post-deployment evaluation")
         if post is not None:
             out["post_deployment"] = post
-        if not proxy.empty:
+        if not proxy.empty and alarm_metrics:
             alarm = _by_task(lambda f: ev.silent_failure_alarm(
-                f, proxy[proxy.task.isin(f.task)], metrics=post_metrics, deltas=list(r.deltas)),
+                f, proxy[proxy.task.isin(f.task)], metrics=alarm_metrics, deltas=list(r.deltas)),
                 shift, notes, "silent-failure alarm")
             if alarm is not None:
                 out["alarm"] = alarm
@@ -571,11 +657,10 @@ def motifs(models: pd.DataFrame, notes: list[str]) -> dict[str, Any]:
     """
     from circuitray.metrics.motifs import cca_motif, universal_motif
 
-    lam_cols = [c for c in models.columns if c.startswith("lam_")]
-    if models.empty or not lam_cols:
+    d = lambda_size(list(models.columns))
+    if models.empty or not d:
         return {}
-    d = int(round(len(lam_cols) ** 0.5))
-    names = [f"lam_{i}_{j}" for i in range(d) for j in range(d)]
+    names = lambda_columns(d)
     found, rows, weights = {}, [], []
     label = "eval_group" if "eval_group" in models else "task"
     for task, grp in models.groupby(label, sort=True):
@@ -628,7 +713,7 @@ def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
     results = evals.get("results")
     best = []
     if results is not None and "kind" in results:  # sorted by pre-deployment composite
-        best = [m for m in results[results.kind == "baseline"].metric if m in final][:3]
+        best = [m for m in results[results.kind == "output"].metric if m in final][:3]
     final = final.assign(eval_group=group_labels(final)) if not final.empty else final
     for task, part in (final.groupby("eval_group") if ddb in final else []):
         # tasks are never pooled: the sign of DDB depends on where the spurious cue lives
@@ -636,10 +721,9 @@ def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
             part, [ddb, *best], "ood_acc", fig_dir / f"ood_vs_ddb_{safe_name(task)}.png",
             title=f"{task}: OOD accuracy vs DDB_out (τ={tau:g}) "
                   "and the best output-based baselines"))
-    lam_cols = [c for c in models.columns if c.startswith("lam_")]
-    if lam_cols and not final.empty:
-        d = int(round(len(lam_cols) ** 0.5))
-        names = [f"lam_{i}_{j}" for i in range(d) for j in range(d)]
+    d = lambda_size(list(models.columns))
+    if d and not final.empty:
+        names = lambda_columns(d)
         for task, part in final.groupby("eval_group"):
             draw(f"lambda_{task}", lambda part=part, task=task: plots.heatmap(
                 np.nanmean(part[names].to_numpy(float), axis=0).reshape(d, d),
@@ -653,7 +737,7 @@ def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
             np.asarray(motif["universal"]), fig_dir / "motif_universal.png",
             title="universal motif", diverging=True))
     shift = frame[frame.role == "shift"]
-    css = [c for c in shift.columns if c.startswith("css_")]
+    css = metric_columns(shift.columns, stage="post", kind="circuit")
     if not shift.empty and css:
         draw("css_vs_acc", lambda: plots.scatter_panels(
             shift, css, "accuracy", fig_dir / "css_vs_acc.png", hue="checkpoint",
@@ -709,7 +793,8 @@ def _log_mlflow(cfg: JobConfig, layout: JobLayout, manifest: pd.DataFrame, frame
                 summary: Mapping[str, Any], markers: pd.DataFrame, finals: set[str],
                 reduce_failures: pd.DataFrame) -> str:
     """Parent run: config, headline metrics, tables and figures; a child per manifest row
-    (tagged with its count of reduce failures and whether it is near chance).
+    (tagged with its count of reduce failures and whether it is near chance) whose metric
+    keys are the registry's evaluated metrics.
 
     `markers` are the marker rows of the reduced (complete) checkpoints."""
     from circuitray.tracking import ChildRun, default_tracking_uri, flatten, log_job
@@ -717,8 +802,13 @@ def _log_mlflow(cfg: JobConfig, layout: JobLayout, manifest: pd.DataFrame, frame
     uri = cfg.tracking.uri or default_tracking_uri(layout.root)
     per_ckpt = models.groupby("checkpoint").first() if not models.empty else pd.DataFrame()
     children = []
-    metric_cols = [c for c in per_ckpt.columns if not c.startswith("lam_")
-                   and pd.api.types.is_numeric_dtype(per_ckpt[c])]
+    # metric keys from the registry: pre-deployment metrics at the checkpoint's OOD value
+    # (and the true OOD accuracy); metrics evaluated post-deployment only (CSS, detectors)
+    # as their mean over the shifted domains. Descriptors (Λ cells, …) are not logged.
+    metric_cols = metric_columns(per_ckpt.columns, stage="pre")
+    metric_cols += [c for c in ("ood_acc",) if c in per_ckpt]
+    post_only = [c for c in metric_columns(frame.columns, stage="post")
+                 if c not in metric_columns(frame.columns, stage="pre")]
     hyper = _hyper(manifest).set_index("checkpoint")
     # where each checkpoint's mean/std and labels came from (its completion marker)
     complete = set(markers.checkpoint)
@@ -728,7 +818,7 @@ def _log_mlflow(cfg: JobConfig, layout: JobLayout, manifest: pd.DataFrame, frame
     for cid, hp in hyper.iterrows():
         metrics = per_ckpt.loc[cid, metric_cols].to_dict() if cid in per_ckpt.index else {}
         post = frame[(frame.checkpoint == cid) & (frame.role == "shift")]
-        for c in [c for c in post.columns if c.startswith("css_") or c == "accuracy"]:
+        for c in [c for c in (*post_only, "accuracy") if c in post]:
             metrics[f"shift_mean.{c}"] = float(post[c].mean()) if len(post) else float("nan")
         status = "complete" if cid in complete else "failed or not run"
         tags = {"checkpoint": str(cid), "status": status, "final": str(cid in finals).lower(),
@@ -798,6 +888,8 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
     for name, df in per.items():
         if not df.empty:
             result.tables[name] = write_parquet_atomic(df, layout.metrics / f"{name}.parquet")
+        else:  # e.g. no plug-in registered any more: no table left from an earlier run
+            (layout.metrics / f"{name}.parquet").unlink(missing_ok=True)
     result.tables["domains"] = write_parquet_atomic(frame, layout.metrics / "domains.parquet")
     result.tables["models"] = write_parquet_atomic(all_models, layout.metrics / "models.parquet")
     evals = evaluate_all(frame[frame.checkpoint.isin(finals)], models, cfg, result.notes)
