@@ -12,7 +12,7 @@ from _jobdata import write_checkpoints
 from mlflow.tracking import MlflowClient
 
 from circuitray import registry
-from circuitray.errors import MetricError
+from circuitray.errors import ConfigError, MetricError
 from circuitray.job_config import load_job_config
 from circuitray.registry import (
     POST,
@@ -231,3 +231,40 @@ def test_a_metric_registered_in_one_place_reaches_tables_evaluation_report_and_m
     assert "mean_max_prob_squared" not in read_parquet(layout.metrics / "domains.parquet").schema.names
     assert not (layout.metrics / "plugins.parquet").exists()
 
+
+
+PLUGIN = '''
+from circuitray.registry import PRE, MetricSpec, register
+
+
+def low_confidence_share(domain, id_table, below):
+    return float((domain["max_prob"] < below).mean())
+
+
+register(MetricSpec("low_confidence_share", "output", -1, "plug-in from a file", PRE,
+                    compute=low_confidence_share, params={"below": 0.9}))
+'''
+
+
+@pytest.mark.slow
+def test_a_plugin_file_named_in_the_config_reaches_the_tables(tmp_path, local_ray) -> None:
+    """`reduce.plugins=[file.py]`: the CLI's job imports it before reduce, and the Ray tasks
+    compute the metric although they cannot import the file (pickled by value)."""
+    from circuitray import cli
+
+    plugin = tmp_path / "my_metric.py"
+    plugin.write_text(PLUGIN)
+    manifest = write_checkpoints(tmp_path, 3)
+    try:
+        assert cli.main(["run", str(CONF), f"manifest={manifest}",
+                         f"output_dir={tmp_path / 'job'}", "reduce.figures=false",
+                         "tracking.enabled=false", f"reduce.plugins=[{plugin}]"]) == 0
+        models = read_parquet(JobLayout.of(tmp_path / "job").metrics / "models.parquet")
+        share = models.to_pandas()["low_confidence_share"]
+        assert len(share) == 3 and share.between(0, 1).all()
+    finally:
+        registry.unregister("low_confidence_share")
+    with pytest.raises(ConfigError, match=r"reduce.plugins: cannot import 'no_such_module'"):
+        from circuitray.runtime.reduce import load_plugins
+
+        load_plugins(["no_such_module"])

@@ -28,6 +28,7 @@ from circuitray import registry
 from circuitray.config import to_dict
 from circuitray.errors import (
     CircuitrayError,
+    ConfigError,
     MetricError,
     OutputError,
     StaleResultError,
@@ -857,9 +858,48 @@ def check_ready(plan: JobPlan, failed: set[str]) -> None:
         + "\n".join(lines + more))
 
 
+_LOADED_PLUGINS: dict[str, Any] = {}
+
+
+def load_plugins(modules: Sequence[str]) -> None:
+    """Import each `reduce.plugins` module (a .py file or a dotted name) once per process;
+    importing it registers its metrics. Its functions are then pickled by value, so the Ray
+    tasks that compute them need not be able to import the module. A module that cannot be
+    imported stops reduce naming it."""
+    import importlib
+    import importlib.util
+    import sys as _sys
+
+    from ray import cloudpickle
+
+    for name in modules:
+        key = str(Path(name).resolve()) if name.endswith(".py") else name
+        if key in _LOADED_PLUGINS:
+            continue
+        try:
+            if name.endswith(".py"):
+                spec = importlib.util.spec_from_file_location(
+                    f"circuitray_plugin_{Path(name).stem}", name)
+                if spec is None or spec.loader is None:
+                    raise ImportError(f"not a Python file: {name}")
+                module = importlib.util.module_from_spec(spec)
+                _sys.modules[spec.name] = module
+                spec.loader.exec_module(module)
+            else:
+                module = importlib.import_module(name)
+        except MetricError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"reduce.plugins: cannot import '{name}': "
+                              f"{type(exc).__name__}: {exc}") from exc
+        cloudpickle.register_pickle_by_value(module)
+        _LOADED_PLUGINS[key] = module
+
+
 def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
     """Compute metrics/ and evaluation/ tables, figures and the MLflow runs of a job."""
     start = time.perf_counter()
+    load_plugins(cfg.reduce.plugins)
     layout = JobLayout.of(cfg.output_dir)
     stamp = layout.evaluation / "_reduce.json"
     plan = plan_job(cfg, validate_images=False)
