@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from circuitray.checkpoint_meta import NotPlainMetadata, read_metadata
 from circuitray.errors import CircuitrayError, DataError
 from circuitray.models import (
     HF_HUB_PREFIX,
@@ -313,7 +314,10 @@ class _TrainFile:
 
 def _read_train_file(path: Path, key: str | None) -> _TrainFile:
     """A CheckpointSaver file's epoch, args and tensor shapes (nothing else is read)."""
-    obj = read_training_checkpoint(str(path))
+    try:  # shapes and metadata from data.pkl alone; anything unusual: the safe full load
+        obj = read_metadata(path)
+    except NotPlainMetadata:
+        obj = read_training_checkpoint(str(path))
     if not isinstance(obj, Mapping):
         raise _Unusable("not a training checkpoint (no dict at the top level)")
     if key is not None and key not in obj:

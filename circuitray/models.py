@@ -328,8 +328,10 @@ def state_dict_in(obj: Any, key: str | None = None) -> dict[str, Any]:
         for name in STATE_DICT_KEYS:
             if isinstance(obj, Mapping) and name in obj and isinstance(obj[name], Mapping):
                 obj = obj[name]
-    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor)
-                                                          for v in obj.values()):
+    from circuitray.checkpoint_meta import TensorInfo
+
+    if not isinstance(obj, Mapping) or not obj or not all(
+            isinstance(v, (torch.Tensor, TensorInfo)) for v in obj.values()):
         raise ValueError("file holds no state dict of tensors")
     return {str(k).removeprefix("module."): v for k, v in obj.items()}
 

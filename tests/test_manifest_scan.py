@@ -259,6 +259,28 @@ def test_malicious_pickle_in_a_run_is_listed_and_not_executed(zoo, tmp_path) -> 
     assert sorted(result.rows.epoch) == [0, 1]  # the rest of the run is still there
 
 
+def test_metadata_reader_gives_shapes_without_tensors_and_refuses_other_globals(
+        zoo, tmp_path) -> None:
+    """The scan's fast path parses data.pkl alone: shapes, epoch and args equal a full safe
+    load's; a pickle naming any global outside its allowlist is refused before anything is
+    called (the scan then falls back to torch.load(weights_only=True), which refuses it)."""
+    from circuitray.checkpoint_meta import NotPlainMetadata, TensorInfo, read_metadata
+
+    path = zoo["root"] / "runs" / "tiny-run" / "checkpoint-1.pth.tar"
+    full = torch.load(path, weights_only=False)
+    meta = read_metadata(path)
+    assert meta["epoch"] == full["epoch"] and vars(meta["args"]) == vars(full["args"])
+    for key in ("state_dict", "state_dict_ema"):
+        assert {k: v.shape for k, v in meta[key].items()} == {
+            k: tuple(v.shape) for k, v in full[key].items()}
+        assert all(isinstance(v, TensorInfo) for v in meta[key].values())
+    sentinel = tmp_path / "pwned"
+    torch.save({**full, "args": _RunsAShellCommand(sentinel)}, tmp_path / "evil.pth.tar")
+    with pytest.raises(NotPlainMetadata, match="posix.system|os.system"):
+        read_metadata(tmp_path / "evil.pth.tar")
+    assert not sentinel.exists()
+
+
 def test_truncated_checkpoint_is_listed_not_fatal(zoo, tmp_path) -> None:
     run = tmp_path / "broken-run"
     shutil.copytree(zoo["root"] / "runs" / "tiny-run", run)
