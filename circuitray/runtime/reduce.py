@@ -896,11 +896,21 @@ def load_plugins(modules: Sequence[str]) -> None:
         _LOADED_PLUGINS[key] = module
 
 
+def _sweep_temporaries(layout: JobLayout) -> None:
+    """Remove what a killed reduce left half-written (`.<name>.<uuid>.tmp` beside its tables,
+    figures and report). Safe: the job lock keeps any other writer out of this folder."""
+    for folder in (layout.metrics, layout.evaluation, layout.figures,
+                   layout.reduce_failure_file("-").parent):
+        for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
+            tmp.unlink(missing_ok=True)
+
+
 def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
     """Compute metrics/ and evaluation/ tables, figures and the MLflow runs of a job."""
     start = time.perf_counter()
     load_plugins(cfg.reduce.plugins)
     layout = JobLayout.of(cfg.output_dir)
+    _sweep_temporaries(layout)
     stamp = layout.evaluation / "_reduce.json"
     plan = plan_job(cfg, validate_images=False)
     discover_failures = read_failures(layout).query("stage != 'reduce'")
