@@ -79,10 +79,10 @@ def _score_only(model, x, steps: int) -> float:
     import torch
 
     from circuitray.attribution import _mean_ablation, _Runner, score_batch
-    from circuitray.hooks import ViTAdapter
+    from circuitray.families import adapter_for
 
     model.requires_grad_(False)
-    runner = _Runner(ViTAdapter(model), torch.device("cpu"), "fp32")
+    runner = _Runner(adapter_for(model), torch.device("cpu"), "fp32")
     abl, _, _ = _mean_ablation(runner, [x], "mean-positional")
     t = time.perf_counter()
     score_batch(runner, x, abl, alphas=[k / steps for k in range(steps)], metric="kl")

@@ -244,8 +244,9 @@ def disk_full(manifest: Path, out: Path, clean: dict[str, str]) -> Row:
         else:
             out.chmod(0o755)
         code2, err2 = _run("run", manifest, out)
+        after = f"exit {code2}" + (f" ({_first_error(err2)[:60]})" if code2 else "")
         row = _measure("disk full (600 KiB tmpfs)" if mounted else "read-only output_dir",
-                       f"exit {code} ({msg[:50]}); after space: exit {code2}", manifest, out,
+                       f"exit {code} ({msg[:50]}); after space: {after}", manifest, out,
                        err2, clean)
     finally:
         if mounted:

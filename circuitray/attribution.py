@@ -2,15 +2,17 @@
 
 score(u→v) = mean_x Σ_positions (ã_u − a_u(x)) · mean_k ∂M/∂in_v |run k. Δ = ã − a is fixed
 across IG steps, so each step costs one forward+backward of the real timm model plus a
-contraction: gradients are read once at every q/k/v and MLP read point (the per-head q/k/v
-gradients are pushed through W_qkv and LayerNorm analytically, so no destination needs its
-own backward pass), and all scores of a block are one matmul Δ[prefix, N·T·D] @ G[N·T·D, dst].
+contraction: gradients are read once at every q/k/v and MLP read point (the model's family
+adapter pushes the per-head q/k/v gradients through W_qkv and the block norm analytically, so
+no destination needs its own backward pass), and all scores of a block are one matmul
+Δ[prefix, N·T·D] @ G[N·T·D, dst]. This module never touches a model's modules itself: what a
+model family decides lives in `circuitray.families`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,9 +22,10 @@ import torch
 from torch import nn
 
 from circuitray.errors import ConfigError, InputError, TableError
+from circuitray.families import FamilyAdapter, adapter_for
 from circuitray.graph import ViTGraph
-from circuitray.hooks import ViTAdapter
 from circuitray.tables import EDGE_SCHEMA, conform
+from circuitray.torch_utils import eval_mode, split_batch
 
 # The allowed values of `attribute`'s options, defined once: the job config validates
 # against these too (circuitray.job_config.check_job_config).
@@ -121,17 +124,6 @@ def metric_per_example(logits: torch.Tensor, clean_logits: torch.Tensor,
 
 
 # -- batches and ablations --------------------------------------------------------------
-def split_batch(item: object, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Images and labels (None when absent) from a batch that is a tensor or a tuple."""
-    if torch.is_tensor(item):
-        return item, None
-    if isinstance(item, (tuple, list)) and item and torch.is_tensor(item[0]):
-        labels = item[1] if len(item) > 1 and torch.is_tensor(item[1]) else None
-        return item[0], labels
-    raise InputError(f"{where}: expected an image tensor or (images, labels, ...), "
-                     f"got {type(item).__name__}")
-
-
 def _labels_for(metric: str, labels: torch.Tensor | None, n: int, where: str,
                 device: torch.device) -> torch.Tensor | None:
     if metric != "ce":
@@ -147,7 +139,7 @@ def _labels_for(metric: str, labels: torch.Tensor | None, n: int, where: str,
 class _Runner:
     """Holds a model prepared for attribution: device, dtype, autocast, frozen parameters."""
 
-    def __init__(self, adapter: ViTAdapter, device: torch.device, dtype: str):
+    def __init__(self, adapter: FamilyAdapter, device: torch.device, dtype: str):
         self.adapter, self.device = adapter, device
         p = next(adapter.model.parameters())
         self.param_dtype = p.dtype
@@ -201,45 +193,6 @@ class CleanRun:
     def matches(self, images: torch.Tensor) -> bool:
         """Whether this run was of `images` (a loader may give other images on a later pass)."""
         return self.images.shape == images.shape and torch.equal(self.images, images)
-
-
-def _ln_stats(norm: nn.LayerNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """1/σ [..., 1] and the normalized input x̂ of a LayerNorm at input x [..., D].
-
-    One fused pass (LayerNorm without affine returns x̂, μ and 1/σ): mean + var + subtract +
-    multiply took ~5x as long and ran twice per block and IG point.
-    """
-    xh, _, r = torch.native_layer_norm(x, [x.shape[-1]], None, None, norm.eps)
-    return r, xh
-
-
-def _ln_vjp(norm: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Gradient w.r.t. LayerNorm's input, given the gradient g at its output (x: [..., D])."""
-    r, xh = _ln_stats(norm, x)
-    gw = g * norm.weight.to(g.dtype)
-    return r * (gw - gw.mean(-1, keepdim=True) - xh * (gw * xh).mean(-1, keepdim=True))
-
-
-def _head_read_grads(norm: nn.LayerNorm, w_qkv: torch.Tensor, x: torch.Tensor,
-                     g_qkv: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """∂M/∂(residual) through each head's q, k or v alone: [3H (head-major), N·T, D].
-
-    LN-VJP(g_{s,h} W_{s,h}) = r(γg' − mean(γg') − x̂·mean(γg'x̂)). Folding 1/σ into the small
-    per-head gradients and γ (and the centring) into W leaves one bmm plus one dot and one
-    in-place pass on the big tensor (instead of ~10 elementwise passes).
-    """
-    N, T, D = x.shape
-    dh = w_qkv.shape[0] // (3 * n_heads)
-    r, xh = _ln_stats(norm, x)
-    gr = (g_qkv.reshape(N * T, 3, n_heads, dh) * r.reshape(N * T, 1, 1, 1))
-    gr = gr.permute(2, 1, 0, 3).reshape(3 * n_heads, N * T, dh)
-    wg = (w_qkv.view(3, n_heads, dh, D) * norm.weight.to(x.dtype)).transpose(0, 1)
-    wg = wg - wg.mean(-1, keepdim=True)  # centred rows: the bmm subtracts mean(γg') itself
-    grads = torch.bmm(gr, wg.reshape(3 * n_heads, dh, D))           # r·(γg' − mean(γg'))
-    xh = xh.reshape(N * T, D)
-    # x̂ sums to 0, so centring does not change mean(γg'x̂); vecdot is ~4x faster than einsum
-    mean_x = torch.linalg.vecdot(grads, xh).unsqueeze(-1) / D
-    return grads.addcmul_(xh, mean_x, value=-1)
 
 
 def score_batch(runner: _Runner, images: torch.Tensor, ablated: torch.Tensor, *,
@@ -305,19 +258,15 @@ def score_batch(runner: _Runner, images: torch.Tensor, ablated: torch.Tensor, *,
             with runner.autocast():
                 logits = ad.model(images)
             m = metric_per_example(logits.to(runner.work), clean_logits, labels, metric).sum()
-            grads = torch.autograd.grad(m, [*rec.qkv, *rec.n2, rec.final])
-        for layer, blk in enumerate(ad.model.blocks):
+            grads = torch.autograd.grad(m, rec.read_points())
+        for layer in range(L):
             cols = g.block_dst_slice(layer)
             p = g.n_sources_of(cols.start)
-            x_in = rec.x_in[layer].detach().to(runner.work)
-            g_in = _head_read_grads(blk.norm1, blk.attn.qkv.weight.to(runner.work), x_in,
-                                    grads[layer].to(runner.work), H)
+            g_in, g_m = ad.read_grads(rec, grads, layer, runner.work)
             take(p, cols.start, g_in)
-            del g_in
-            x_mid = rec.x_mid[layer].detach().to(runner.work)
-            g_m = _ln_vjp(blk.norm2, x_mid, grads[L + layer].to(runner.work))
             take(p + H, cols.stop - 1, g_m.unsqueeze(0))
-        take(g.n_src, n_dst - 1, grads[-1].unsqueeze(0))
+            del g_in, g_m
+        take(g.n_src, n_dst - 1, ad.logits_read_grad(rec, grads).unsqueeze(0))
         del grads, rec
     for layer in range(c0 // width, L):  # the summed destinations, contracted once
         cols = g.block_dst_slice(layer)
@@ -365,17 +314,6 @@ def _mean_ablation(runner: _Runner, batches: Iterable, kind: str, cache_bytes: i
     return abl.unsqueeze(1), n, cache  # ã: [n_src, 1, T|1, D]
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) for reading node values; restores the caller's mode after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def _device(device: str | torch.device | None) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -389,7 +327,7 @@ def compute_ablation(model: nn.Module, batches: Iterable, ablation: str = "mean-
     'mean-positional' / 'mean' read the whole dataset; 'zero' reads nothing. For
     'corrupted', use `node_values` on each corrupted batch instead.
     """
-    adapter = ViTAdapter(model)
+    adapter = adapter_for(model)
     runner = _Runner(adapter, _device(device), "fp32")
     if ablation == "zero":
         return torch.zeros(adapter.graph.n_src, 1, 1, adapter.dim, dtype=runner.work,
@@ -404,7 +342,7 @@ def compute_ablation(model: nn.Module, batches: Iterable, ablation: str = "mean-
 def node_values(model: nn.Module, images: torch.Tensor,
                 *, device: str | torch.device | None = None) -> torch.Tensor:
     """Every source node's value on `images`: [n_src, N, T, D] (the 'corrupted' ablation)."""
-    runner = _Runner(ViTAdapter(model), _device(device), "fp32")
+    runner = _Runner(adapter_for(model), _device(device), "fp32")
     with eval_mode(model.to(runner.device)):
         return runner.sources(runner.images(images, "images"), "images")[0]
 
@@ -455,7 +393,7 @@ def attribute(model: nn.Module, batches: Iterable, *, method: str = "eap-ig-inpu
         raise ConfigError(f"steps: must be a positive integer, got {steps!r}")
     if (ablation == "corrupted") != (corrupted_batches is not None):
         raise ConfigError("corrupted_batches: required exactly when ablation='corrupted'")
-    adapter = ViTAdapter(model)
+    adapter = adapter_for(model)
     dev = _device(device)
     alphas = [0.0] if method == "eap" else [k / steps for k in range(steps)]
     flags = {name: p.requires_grad for name, p in model.named_parameters()}

@@ -8,7 +8,9 @@ labels used are those of the ID validation domain (`id_domain`).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -18,6 +20,8 @@ import scipy.special
 import scipy.stats
 
 from circuitray.errors import MetricError, TableError
+from circuitray.isolation import MetricFailure, attempt, reasons
+from circuitray.registry import family_columns
 from circuitray.tables import require_columns
 
 OUTPUT_COLUMNS = ("task", "checkpoint", "domain", "label", "pred", "max_prob", "neg_entropy",
@@ -156,102 +160,230 @@ def _frame(outputs: pa.Table | pd.DataFrame) -> pd.DataFrame:
                                ignore_index=True)
 
 
-def _matrix(values: pd.Series, what: str, task: str) -> np.ndarray:
+def _matrix(values: pd.Series, what: str, where: str) -> np.ndarray:
     """A list column as a dense [n, k] array; rows of different lengths are an error."""
     lengths = values.map(len).to_numpy()
     if len(lengths) and (lengths != lengths[0]).any():
-        raise TableError(f"outputs: task '{task}': {what} vectors have different lengths "
+        raise TableError(f"outputs: {where}: {what} vectors have different lengths "
                          f"{sorted(set(lengths.tolist()))[:5]}")
     return np.stack([np.asarray(v, np.float64) for v in values]) if len(values) else \
         np.zeros((0, 0))
 
 
-def domain_accuracy(outputs: pa.Table | pd.DataFrame) -> pd.DataFrame:
-    """True accuracy per (task, checkpoint, domain) over labeled examples (NaN if none)."""
+def check_labels(labels: np.ndarray, n_classes: int, where: str) -> np.ndarray:
+    """`labels`, if they all index the model head: a class the head lacks can never be
+    predicted, so accuracy, temperature and ATC on such data would be silently wrong (or an
+    IndexError deep in scipy). MetricError naming `where` and the bad values otherwise."""
+    labels = np.asarray(labels, np.int64)
+    bad = np.unique(labels[(labels < 0) | (labels >= n_classes)])
+    if len(bad):
+        raise MetricError(f"{where}: labels {bad[:10].tolist()} outside the model head's "
+                          f"{n_classes} classes (0..{n_classes - 1}); check the class map")
+    return labels
+
+
+def _where(task: str, ckpt: str, domain: str) -> str:
+    return f"task '{task}', checkpoint '{ckpt}', domain '{domain}'"
+
+
+def _head_width(d: pd.DataFrame) -> int:
+    widths = d["logits"].map(len)
+    return int(widths.iloc[0]) if len(widths) else 0
+
+
+def domain_accuracy(outputs: pa.Table | pd.DataFrame,
+                    failures: list[MetricFailure] | None = None) -> pd.DataFrame:
+    """True accuracy per (task, checkpoint, domain) over labeled examples (NaN if none).
+
+    A domain whose labels fall outside the model head gets NaN and a `reason` (and a
+    MetricFailure in `failures`): its accuracy would count a class the model cannot predict.
+    """
     f = _frame(outputs)
-    labeled = f["label"].notna()
-    correct = (f["pred"] == f["label"]).where(labeled).astype(float)
-    g = f.assign(_c=correct, _l=labeled).groupby(["task", "checkpoint", "domain"], sort=True)
-    out = g.agg(accuracy=("_c", "mean"), n=("_l", "size"), n_labeled=("_l", "sum"))
-    return out.reset_index()
+    rows = []
+    for (task, ckpt, domain), d in f.groupby(["task", "checkpoint", "domain"], sort=True):
+        fails: list[MetricFailure] = []
+        labeled = d["label"].notna()
+        labels = attempt(partial(check_labels, d.loc[labeled, "label"].to_numpy(np.int64),
+                                 _head_width(d), _where(task, ckpt, domain)),
+                         fails, "accuracy", task=task, checkpoint=ckpt, domain=domain)
+        correct = d.loc[labeled, "pred"].to_numpy(np.int64) == labels
+        rows.append({"task": task, "checkpoint": ckpt, "domain": domain,
+                     "accuracy": float(correct.mean()) if labels is not None and len(labels)
+                     else np.nan,
+                     "n": len(d), "n_labeled": int(labeled.sum()),
+                     "reason": reasons(fails, domain, "" if labeled.any()
+                                       else "accuracy: no labeled examples")})
+        if failures is not None:
+            failures.extend(fails)
+    return pd.DataFrame(rows, columns=["task", "checkpoint", "domain", "accuracy", "n",
+                                       "n_labeled", "reason"])
 
 
-def _id_reference(grp: pd.DataFrame, task: str, ckpt: str, id_domain: str) -> dict:
-    """Everything the baselines need from a checkpoint's labeled ID validation data."""
-    rows = grp[grp.domain == id_domain]
+# Baselines that need the ID validation labels (accuracy, temperature, ATC thresholds); the
+# others read outputs only and are computed on unlabeled ID data too.
+LABELED_BASELINES = ("id_acc", "ac_ts", "atc_mc", "atc_ne", "atc_mc_ts", "atc_ne_ts", "doc",
+                     "temperature")
+_NEEDS_LABELS = f"baselines needing ID labels ({', '.join(LABELED_BASELINES)})"
+# The columns of each family are declared once, with their directions, in the registry.
+BASELINE_COLUMNS = family_columns("baselines")
+
+
+@dataclass
+class _Calibration:
+    """What the label-needing baselines take from a checkpoint's labeled ID validation data."""
+
+    acc: float
+    ac: float
+    temp: float
+    thr: dict[str, float]
+
+
+def _calibration(rows: pd.DataFrame, where: str) -> _Calibration:
     if rows.empty:
-        raise TableError(f"outputs: task '{task}', checkpoint '{ckpt}' has no rows on the "
-                         f"ID domain '{id_domain}'")
+        raise TableError(f"outputs: {where}: no rows on the ID domain")
     if rows["label"].isna().any():
-        raise TableError(f"outputs: task '{task}', checkpoint '{ckpt}': ID domain "
-                         f"'{id_domain}' has unlabeled examples; ATC/DoC need ID labels")
-    logits = _matrix(rows["logits"], "logits", task)
+        raise MetricError(f"{where}: {int(rows['label'].isna().sum())} of {len(rows)} ID "
+                          "examples are unlabeled")
+    logits = _matrix(rows["logits"], "logits", where)
     labels = rows["label"].to_numpy(np.int64)
+    check_labels(labels, logits.shape[1], where)
     correct = rows["pred"].to_numpy() == labels
     temp = fit_temperature(logits, labels)
     p1, pt = softmax(logits), softmax(logits, temp)
+    return _Calibration(
+        acc=float(correct.mean()), ac=float(rows["max_prob"].mean()), temp=temp,
+        thr={"mc": atc_threshold(p1.max(1), correct),
+             "ne": atc_threshold(neg_entropy(p1), correct),
+             "mc_ts": atc_threshold(pt.max(1), correct),
+             "ne_ts": atc_threshold(neg_entropy(pt), correct)})
+
+
+def _label_free(d: pd.DataFrame, logits: np.ndarray, where: str
+                ) -> dict[str, Callable[[], float]]:
+    """Each label-free proxy of one domain as a thunk, so one failing never hides the others."""
+    p1 = softmax(logits)
+    lo, hi = nuclear_norm_bounds(*p1.shape)
     return {
-        "acc": float(correct.mean()), "temp": temp, "probs": p1,
-        "ac": float(rows["max_prob"].mean()),
-        "thr": {"mc": atc_threshold(p1.max(1), correct),
-                "ne": atc_threshold(neg_entropy(p1), correct),
-                "mc_ts": atc_threshold(pt.max(1), correct),
-                "ne_ts": atc_threshold(neg_entropy(pt), correct)},
-        "features": _matrix(rows["features"], "features", task),
+        "ac": lambda: float(d["max_prob"].mean()),
+        "ane": lambda: float(d["neg_entropy"].mean()),
+        "energy": lambda: float(d["energy"].mean()),
+        "nuclear": lambda: nuclear_norm(p1), "nuclear_lo": lambda: lo, "nuclear_hi": lambda: hi,
+        "mano": lambda: mano(logits), "mde": lambda: mde(d["energy"].to_numpy()),
+        "rankme": lambda: rankme(_matrix(d["features"], "features", where)),
     }
 
 
-def pre_deployment_baselines(outputs: pa.Table | pd.DataFrame, *, id_domain: str
-                             ) -> pd.DataFrame:
+def _labeled(d: pd.DataFrame, logits: np.ndarray, cal: _Calibration
+             ) -> dict[str, Callable[[], float]]:
+    p1, pt = softmax(logits), softmax(logits, cal.temp)
+    mc_ts = pt.max(axis=1)
+    return {
+        "id_acc": lambda: cal.acc, "ac_ts": lambda: float(mc_ts.mean()),
+        "atc_mc": lambda: atc_predict(p1.max(axis=1), cal.thr["mc"]),
+        "atc_ne": lambda: atc_predict(neg_entropy(p1), cal.thr["ne"]),
+        "atc_mc_ts": lambda: atc_predict(mc_ts, cal.thr["mc_ts"]),
+        "atc_ne_ts": lambda: atc_predict(neg_entropy(pt), cal.thr["ne_ts"]),
+        "doc": lambda: doc(cal.acc, cal.ac, float(d["max_prob"].mean())),
+        "temperature": lambda: cal.temp,
+    }
+
+
+def pre_deployment_baselines(outputs: pa.Table | pd.DataFrame, *, id_domain: str,
+                             failures: list[MetricFailure] | None = None) -> pd.DataFrame:
     """One row per (task, checkpoint, domain): every output-based proxy of OOD accuracy.
 
     Columns: id_acc, ac, ac_ts, ane, energy (mean), atc_{mc,ne}[_ts], doc, nuclear (with
     nuclear_lo / nuclear_hi, its bounds for this n, k), mano, mde, rankme, temperature,
-    n_examples. Only ID labels are used; target labels are never read.
+    n_examples, reason. Only ID labels are used; target labels are never read. A proxy that
+    cannot be computed is NaN with a `reason` (and a MetricFailure in `failures`); without
+    usable ID labels the LABELED_BASELINES are NaN and the label-free ones still computed.
     """
     f = _frame(outputs)
     rows = []
     for (task, ckpt), grp in f.groupby(["task", "checkpoint"], sort=True):
-        ref = _id_reference(grp, task, ckpt, id_domain)
+        fails: list[MetricFailure] = []
+        where = _where(task, ckpt, id_domain)
+        cal = attempt(partial(_calibration, grp[grp.domain == id_domain], where), fails,
+                      _NEEDS_LABELS, task=task, checkpoint=ckpt, domain=id_domain)
+        no_cal = "" if cal is not None else fails[-1].reason
         for domain, d in grp.groupby("domain", sort=True):
-            logits = _matrix(d["logits"], "logits", task)
-            p1, pt = softmax(logits), softmax(logits, ref["temp"])
-            lo, hi = nuclear_norm_bounds(*p1.shape)
-            mc, mc_ts = p1.max(axis=1), pt.max(axis=1)
-            rows.append({
-                "task": task, "checkpoint": ckpt, "domain": domain, "n_examples": len(d),
-                "id_acc": ref["acc"],
-                "ac": float(d["max_prob"].mean()), "ac_ts": float(mc_ts.mean()),
-                "ane": float(d["neg_entropy"].mean()), "energy": float(d["energy"].mean()),
-                "atc_mc": atc_predict(mc, ref["thr"]["mc"]),
-                "atc_ne": atc_predict(neg_entropy(p1), ref["thr"]["ne"]),
-                "atc_mc_ts": atc_predict(mc_ts, ref["thr"]["mc_ts"]),
-                "atc_ne_ts": atc_predict(neg_entropy(pt), ref["thr"]["ne_ts"]),
-                "doc": doc(ref["acc"], ref["ac"], float(d["max_prob"].mean())),
-                "nuclear": nuclear_norm(p1), "nuclear_lo": lo, "nuclear_hi": hi,
-                "mano": mano(logits), "mde": mde(d["energy"].to_numpy()),
-                "rankme": rankme(_matrix(d["features"], "features", task)),
-                "temperature": ref["temp"],
-            })
-    return pd.DataFrame(rows)
+            row: dict[str, object] = {"task": task, "checkpoint": ckpt, "domain": domain,
+                                      "n_examples": len(d)} | dict.fromkeys(BASELINE_COLUMNS,
+                                                                            np.nan)
+            at = _where(task, ckpt, domain)
+            logits = attempt(partial(_matrix, d["logits"], "logits", at), fails, "baselines",
+                             task=task, checkpoint=ckpt, domain=domain)
+            if logits is not None:
+                thunks = _label_free(d, logits, at) | (
+                    _labeled(d, logits, cal) if cal is not None else {})
+                for name, fn in thunks.items():
+                    value = attempt(fn, fails, f"baselines.{name}", task=task, checkpoint=ckpt,
+                                    domain=domain)
+                    row[name] = np.nan if value is None else value
+            row["reason"] = reasons(fails, domain, no_cal)
+            rows.append(row)
+        if failures is not None:
+            failures.extend(fails)
+    return pd.DataFrame(rows, columns=["task", "checkpoint", "domain", "n_examples",
+                                       *BASELINE_COLUMNS, "reason"])
+
+
+DETECTOR_COLUMNS = family_columns("detectors")
+
+
+def _id_outputs(rows: pd.DataFrame, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(softmax, features) of the ID data: the detectors' reference, no labels needed."""
+    if rows.empty:
+        raise TableError(f"outputs: {where}: no rows on the ID domain")
+    return (softmax(_matrix(rows["logits"], "logits", where)),
+            _matrix(rows["features"], "features", where))
+
+
+def _bbsd_on(id_probs: np.ndarray, d: pd.DataFrame, where: str, alpha: float) -> ShiftTest:
+    return bbsd(id_probs, softmax(_matrix(d["logits"], "logits", where)), alpha)
+
+
+def _mmd_on(id_features: np.ndarray, d: pd.DataFrame, where: str, **kw) -> ShiftTest:
+    return mmd_test(id_features, _matrix(d["features"], "features", where), **kw)
 
 
 def shift_detectors(outputs: pa.Table | pd.DataFrame, *, id_domain: str, alpha: float = 0.05,
-                    n_perm: int = 200, max_n: int = 500, seed: int = 0) -> pd.DataFrame:
+                    n_perm: int = 200, max_n: int = 500, seed: int = 0,
+                    failures: list[MetricFailure] | None = None) -> pd.DataFrame:
     """Post-deployment: BBSD (softmax, KS, Bonferroni) and MMD (features) of every domain
     ≠ `id_domain` against the same checkpoint's ID data, with statistics, p-values, and
-    the decision at `alpha`."""
+    the decision at `alpha`. Neither needs labels. A test that cannot run is NaN with a
+    `reason` (and a MetricFailure in `failures`)."""
     f = _frame(outputs)
+    cols = list(DETECTOR_COLUMNS)
     rows = []
     for (task, ckpt), grp in f.groupby(["task", "checkpoint"], sort=True):
-        ref = _id_reference(grp, task, ckpt, id_domain)
+        fails: list[MetricFailure] = []
+        ref = attempt(partial(_id_outputs, grp[grp.domain == id_domain],
+                              _where(task, ckpt, id_domain)),
+                      fails, "detectors (ID reference)", task=task, checkpoint=ckpt,
+                      domain=id_domain)
+        no_ref = "" if ref is not None else f"detectors: {fails[-1].error}"
         for domain, d in grp.groupby("domain", sort=True):
             if domain == id_domain:
                 continue
-            b = bbsd(ref["probs"], softmax(_matrix(d["logits"], "logits", task)), alpha)
-            m = mmd_test(ref["features"], _matrix(d["features"], "features", task),
-                         n_perm=n_perm, alpha=alpha, max_n=max_n, seed=seed)
-            rows.append({"task": task, "checkpoint": ckpt, "domain": domain,
-                         "bbsd_stat": b.statistic, "bbsd_p": b.p_value, "bbsd_shift": b.shifted,
-                         "mmd2": m.statistic, "mmd_p": m.p_value, "mmd_shift": m.shifted})
-    return pd.DataFrame(rows)
+            row: dict[str, object] = {"task": task, "checkpoint": ckpt, "domain": domain,
+                                      **dict.fromkeys(cols, np.nan)}
+            at = _where(task, ckpt, domain)
+            if ref is not None:
+                id_probs, id_feats = ref
+                b = attempt(partial(_bbsd_on, id_probs, d, at, alpha), fails, "detectors.bbsd",
+                            task=task, checkpoint=ckpt, domain=domain)
+                m = attempt(partial(_mmd_on, id_feats, d, at, n_perm=n_perm, alpha=alpha,
+                                    max_n=max_n, seed=seed),
+                            fails, "detectors.mmd", task=task, checkpoint=ckpt, domain=domain)
+                if b is not None:
+                    row |= {"bbsd_stat": b.statistic, "bbsd_p": b.p_value, "bbsd_shift": b.shifted}
+                if m is not None:
+                    row |= {"mmd2": m.statistic, "mmd_p": m.p_value, "mmd_shift": m.shifted}
+            row["reason"] = reasons(fails, domain, no_ref)
+            rows.append(row)
+        if failures is not None:
+            failures.extend(fails)
+    out = pd.DataFrame(rows, columns=["task", "checkpoint", "domain", *cols, "reason"])
+    return out.astype({"bbsd_shift": "boolean", "mmd_shift": "boolean"})

@@ -17,14 +17,13 @@ from circuitray.attribution import (
     _device,
     _labels_for,
     compute_ablation,
-    eval_mode,
     metric_per_example,
     node_values,
-    split_batch,
 )
 from circuitray.errors import ConfigError, InputError
+from circuitray.families import adapter_for
 from circuitray.graph import ViTGraph
-from circuitray.hooks import ViTAdapter
+from circuitray.torch_utils import eval_mode, split_batch
 
 DEFAULT_SIZES = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
 
@@ -99,7 +98,7 @@ def run_with_circuit(model: nn.Module, images: torch.Tensor, mask: np.ndarray, *
     `ablation` is a kind (means are taken over `reference` batches, default `images`) or a
     precomputed ã [n_src, N|1, T|1, D]; 'corrupted' takes ã from `corrupted` images.
     """
-    adapter = ViTAdapter(model)
+    adapter = adapter_for(model)
     dev = _device(device)
     model.to(dev)
     dtype = next(model.parameters()).dtype
@@ -136,7 +135,7 @@ def faithfulness(model: nn.Module, batches: Iterable, edge_scores: EdgeScores, *
     """
     metric = metric or edge_scores.metric or "kl"
     ablation = ablation or edge_scores.ablation or "mean-positional"
-    adapter = ViTAdapter(model)
+    adapter = adapter_for(model)
     graph, dev = adapter.graph, _device(device)
     model.to(dev)
     dtype = next(model.parameters()).dtype

@@ -50,6 +50,10 @@ class MetricError(CircuitrayError):
     """A metric cannot be computed from what it was given (names why)."""
 
 
+class TrackingError(CircuitrayError):
+    """The MLflow store could not record the job's runs (names the store and why)."""
+
+
 class StaleResultError(CircuitrayError):
     """Stored results do not match the current config or are damaged (names them)."""
 

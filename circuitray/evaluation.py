@@ -1,5 +1,8 @@
 """The paper's evaluation protocol (DESIGN §5), stricter: fixed directions, signed R², CIs.
 
+Each metric's expected direction is fixed in advance in `circuitray.registry` (an unknown
+metric is an error, never a guess); `direction` is re-exported here.
+
 Every metric — circuit-based or output-based — goes through the same functions, so the one
 result table compares like with like. Statistics on a zoo of 16–100 models are noisy, so each
 comes with a seeded 95% bootstrap interval; a zoo too small for a statistic yields NaN and a
@@ -12,37 +15,16 @@ Q_ij = sign(x_i−x_j)·sign(y_i−y_j)) are then matrix algebra over all replic
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 
+from circuitray import registry
 from circuitray.errors import MetricError
+from circuitray.registry import direction, is_circuit
 from circuitray.tables import require_columns
-
-# Expected sign of each metric's relation to accuracy, fixed before seeing any result.
-# Patterns are matched in order (fnmatch); an unknown metric is an error, never a guess.
-DIRECTIONS: tuple[tuple[str, int, str], ...] = (
-    ("ddb_*", +1, "deep-layer reliance generalizes better (paper §DDB)"),
-    ("css_*", -1, "a circuit that moved away from its ID form predicts an accuracy drop"),
-    ("id_acc", +1, "better in distribution, better out of it (accuracy-on-the-line)"),
-    ("ac", +1, "average max-softmax confidence"),
-    ("ac_ts", +1, "average max-softmax confidence after temperature scaling"),
-    ("ane", +1, "average negative entropy: less uncertain outputs"),
-    ("atc_*", +1, "ATC is itself a predicted accuracy"),
-    ("doc", +1, "DoC is itself a predicted accuracy"),
-    ("nuclear", +1, "confident and dispersed predictions (Deng 2023)"),
-    ("mano", +1, "larger normalized-logit norm, higher accuracy (MaNo)"),
-    ("mde", +1, "MDE = log(logsumexp E − mean E): wider energy gap, more ID-like (Peng 2024)"),
-    ("energy", -1, "mean energy −logsumexp(logits): lower is more in-distribution"),
-    ("rankme", +1, "higher effective rank of features, better representation (RankMe)"),
-    ("bbsd_stat", -1, "larger KS statistic, larger label/covariate shift"),
-    ("bbsd_p", +1, "higher p-value, less evidence of shift"),
-    ("mmd2", -1, "larger MMD², larger feature shift"),
-    ("mmd_p", +1, "higher p-value, less evidence of shift"),
-)
 
 # The paper's composite scores (R², SRCC, KRCC averaged), for printing beside ours.
 PAPER_RESULTS: dict[str, dict[str, float]] = {
@@ -53,17 +35,9 @@ STATS = ("r", "r2_signed", "srcc", "krcc", "composite")
 DEFAULT_DELTAS = (0.8, 0.825, 0.85, 0.875, 0.9)
 
 
-def direction(metric: str) -> int:
-    """+1 if larger values should mean higher accuracy, −1 if lower; MetricError if unknown."""
-    for pattern, sign, _ in DIRECTIONS:
-        if fnmatch.fnmatchcase(metric, pattern):
-            return sign
-    raise MetricError(f"metric '{metric}' has no expected direction in evaluation.DIRECTIONS; "
-                      "add one before evaluating it")
-
-
 def is_circuit_metric(metric: str) -> bool:
-    return metric.startswith(("ddb_", "css_", "lam_"))
+    """Computed from circuits (the registry's kind "circuit"), not from the outputs."""
+    return is_circuit(metric)
 
 
 # ---- weighted (bootstrap) statistics ---------------------------------------------------------
@@ -281,6 +255,29 @@ def _average(table: pd.DataFrame, reps: dict, by: list[str], keep: list[str], ci
     return pd.DataFrame(rows)
 
 
+MIN_CHECKPOINTS = 3  # below this a task's zoo supports no statistic at all: skip, say so
+NEAR_CHANCE = 0.05  # ID accuracy less than this above 1/num_classes: the model learned ~nothing
+
+
+def usable_checkpoints(frame: pd.DataFrame, *, metrics: Sequence[str], target: str,
+                       by: str = "task", min_n: int = MIN_CHECKPOINTS) -> pd.DataFrame:
+    """Per `by` group, how many rows (checkpoints) any statistic could use: a finite target
+    and at least one finite metric. Columns: `by`, n_usable, evaluate (n_usable ≥ min_n) and
+    note ("task X: only n usable checkpoints (need 3)" for the groups to skip)."""
+    require_columns(frame, [by, target, *metrics], "evaluation frame")
+    target_ok = np.isfinite(frame[target].to_numpy(float))
+    metric_ok = (np.isfinite(frame[list(metrics)].to_numpy(float)).any(axis=1) if len(metrics)
+                 else np.zeros(len(frame), bool))
+    counts = (frame.assign(_usable=target_ok & metric_ok)
+              .groupby(by, sort=True)["_usable"].sum().astype(int))
+    out = counts.rename("n_usable").reset_index()
+    out["evaluate"] = out["n_usable"] >= min_n
+    out["note"] = [
+        "" if ok else f"{by} {key}: only {n} usable checkpoints (need {min_n})"
+        for key, n, ok in zip(out[by], out["n_usable"], out["evaluate"], strict=True)]
+    return out
+
+
 def pre_deployment(frame: pd.DataFrame, *, metrics: Sequence[str], target: str = "ood_acc",
                    by: Sequence[str] = ("task",), **kw) -> pd.DataFrame:
     """Per task across the zoo (one row per checkpoint), then averaged over tasks.
@@ -443,7 +440,8 @@ def result_table(pre: pd.DataFrame | None = None, post: pd.DataFrame | None = No
     """Every circuit metric and every baseline side by side: one row per metric, columns
     pre_/post_ statistics with their intervals (averages over tasks/models), alarm F1 and
     AUROC (averaged over δ and tasks), the paper's composite where it reported one, and
-    `kind` (circuit / baseline). Sorted by pre-deployment composite, best first."""
+    `kind` (the registry's: circuit / output / detector). Sorted by pre-deployment
+    composite, best first."""
     parts = []
     for prefix, table in (("pre", pre), ("post", post)):
         if table is None:
@@ -465,8 +463,7 @@ def result_table(pre: pd.DataFrame | None = None, post: pd.DataFrame | None = No
     out = pd.concat(parts, axis=1)
     out.index.name = "metric"
     out = out.reset_index()
-    out.insert(1, "kind", np.where([is_circuit_metric(m) for m in out.metric], "circuit",
-                                   "baseline"))
+    out.insert(1, "kind", [registry.kind(m) for m in out.metric])
     out["paper_pre_composite"] = out.metric.map(PAPER_RESULTS["pre"])
     out["paper_post_composite"] = out.metric.map(PAPER_RESULTS["post"])
     key = "pre_composite" if "pre_composite" in out else out.columns[2]

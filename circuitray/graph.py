@@ -2,15 +2,16 @@
 
 Scores live in one dense `[n_src, n_dst]` matrix in forward order (DESIGN §1), so the
 sources of any destination are a prefix of the rows; names, depths and edges are views
-onto that layout. This module is torch-free so the metrics layer can rebuild a graph from
-an edge table; only `ViTGraph.from_model` touches a model (through `circuitray.hooks`).
+onto that layout. This module is torch-free and never touches a model, so the metrics and
+plotting layers can rebuild a graph from an edge table; the graph of a model comes from its
+family adapter (`circuitray.families.graph_of`). The node-name helpers below are the only
+code that parses node names.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,47 @@ import pandas as pd
 from circuitray.errors import TableError
 
 QKV = ("q", "k", "v")
+# a{l}.h{h}, a{l}.h{h}<q|k|v> and m{l}: every node name except `input` and `logits`
+_BLOCK_NODE = re.compile(r"^(?:a(\d+)\.h(\d+)(?:<[qkv]>)?|m(\d+))$")
+
+
+def _parse(name: str) -> tuple[int, int | None]:
+    """(block, head or None) of a block node name; TableError names anything else."""
+    m = _BLOCK_NODE.match(name)
+    if m is None:
+        raise TableError(f"node name {name!r} is not input, logits, a<l>.h<h>[<q|k|v>] "
+                         f"or m<l>")
+    if m.group(3) is not None:
+        return int(m.group(3)), None
+    return int(m.group(1)), int(m.group(2))
+
+
+def node_of(name: str) -> str:
+    """Node a source or destination name belongs to: 'a3.h1<q>' -> 'a3.h1' (q/k/v to the head)."""
+    return name.split("<", 1)[0]
+
+
+def node_block(name: str) -> int | None:
+    """Block index of a node name ('a3.h1<q>' and 'm3' -> 3); None for input and logits."""
+    if name in ("input", "logits"):
+        return None
+    return _parse(name)[0]
+
+
+def node_head(name: str) -> int | None:
+    """Head index of an attention node name ('a3.h1<q>' -> 1); None for MLP, input, logits."""
+    if name in ("input", "logits"):
+        return None
+    return _parse(name)[1]
+
+
+def node_depth(name: str, n_blocks: int) -> int:
+    """Depth of DESIGN §1: input 0, any node of block l is l + 1, logits L + 1."""
+    if name == "input":
+        return 0
+    if name == "logits":
+        return int(n_blocks) + 1
+    return _parse(name)[0] + 1
 
 
 def edge_count(n_blocks: int, n_heads: int) -> int:
@@ -69,20 +111,12 @@ class ViTGraph:
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def from_model(cls, model: Any) -> ViTGraph:
-        """Graph of a timm VisionTransformer; refuses variants it cannot represent."""
-        from circuitray.hooks import ViTAdapter  # lazy: keeps this module torch-free
-
-        return ViTAdapter(model).graph
-
-    @classmethod
     def from_names(cls, src_names: list[str], dst_names: list[str],
                    model_name: str = "vit") -> ViTGraph:
         """Rebuild a graph from node names (e.g. those found in an edge table)."""
-        blocks = {int(m.group(1)) for n in [*src_names, *dst_names]
-                  if (m := re.match(r"[am](\d+)", n))}
-        heads = {int(m.group(1)) for n in [*src_names, *dst_names]
-                 if (m := re.match(r"a\d+\.h(\d+)", n))}
+        names = [*src_names, *dst_names]
+        blocks = {b for n in names if (b := node_block(n)) is not None}
+        heads = {h for n in names if (h := node_head(n)) is not None}
         if not blocks or not heads:
             raise TableError(f"cannot infer blocks/heads from node names {sorted(src_names)[:5]}")
         graph = cls(max(blocks) + 1, max(heads) + 1, model_name)
@@ -137,7 +171,7 @@ class ViTGraph:
 
     def dst_node(self, dst: int) -> str:
         """Node that destination `dst` belongs to: 'a3.h1<q>' -> 'a3.h1' (a source name)."""
-        return self.dst_names[dst].split("<")[0]
+        return node_of(self.dst_names[dst])
 
     def edges(self) -> pd.DataFrame:
         """One row per edge in forward order (row-major over [src, dst]): a view for humans."""

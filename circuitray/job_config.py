@@ -98,6 +98,8 @@ class ReduceConfig:
     seed: int = 0
     group_column: str | None = None  # manifest column for within-group correlations
     figures: bool = True
+    # Python modules imported before reduce: each registers its metrics (registry.register)
+    plugins: list[str] = field(default_factory=list)
 
 
 @dataclass

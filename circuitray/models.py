@@ -7,6 +7,12 @@ through `torch.load(weights_only=True)` (plus `argparse.Namespace`, which timm's
 stores as `args`). Every tensor's name and shape is checked against the
 architecture before loading, so a bad checkpoint is reported by id and path, not as a
 mysterious shape error deep inside attribution.
+
+`weights` may also be `hf-hub:<org>/<name>[@revision]`: the repository's `model.safetensors`
+(else `pytorch_model.bin`) in the local Hugging Face cache. It is downloaded only when
+HF_HUB_OFFLINE is not set; offline, a repository that is not cached is an error saying so.
+A manifest column `weights_key` names the state dict to load from a training checkpoint
+(`state_dict_ema` for timm's EMA weights); empty means the model's own (`state_dict`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -25,9 +32,16 @@ import torch
 from circuitray.errors import CheckpointError, ConfigError, DataError
 
 REQUIRED_COLUMNS = ("checkpoint_id", "task", "arch", "arch_kwargs", "weights", "num_classes")
-OPTIONAL_COLUMNS = ("data_root", "id_domain", "ood_domain", "id_acc", "ood_acc", "epoch", "final")
+OPTIONAL_COLUMNS = ("data_root", "id_domain", "ood_domain", "id_acc", "ood_acc", "epoch", "final",
+                    "weights_key")
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
+# Where the model's own tensors sit in a torch checkpoint, tried in order when no weights_key.
+STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
+_WEIGHTS_KEY = re.compile(r"[A-Za-z0-9_.-]+")
+HF_HUB_PREFIX = "hf-hub:"
+# What a timm hub repository holds its weights in, preferred first.
+HUB_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
 # What a training checkpoint may say about its eval preprocessing (timm's data config keys).
 NORM_KEYS = ("mean", "std", "input_size", "interpolation", "crop_pct")
 
@@ -151,7 +165,16 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
         if col in df.columns:
             df[col] = [_list_as_json(v) for v in df[col]]
 
+    if "weights_key" in df.columns:
+        df["weights_key"] = [_weights_key(v, f"{path} checkpoint '{cid}'")
+                             for v, cid in zip(df["weights_key"], df["checkpoint_id"], strict=True)]
+
     def resolve(p: Any) -> Any:
+        if isinstance(p, str) and p.startswith(HF_HUB_PREFIX):
+            try:  # a cached (or, online, downloadable) repository becomes its local file
+                return resolve_hub_weights(p)
+            except (FileNotFoundError, ValueError):
+                return p  # load_checkpoint reports it for this checkpoint alone
         if not isinstance(p, str) or not p or _is_uri(p):
             return p
         p = p.removeprefix("file://")
@@ -161,6 +184,74 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     if "data_root" in df.columns:
         df["data_root"] = df["data_root"].map(resolve)
     return df.reset_index(drop=True)
+
+
+def _weights_key(value: Any, where: str) -> str | None:
+    """A manifest `weights_key` cell: None when empty, else the name of a state dict."""
+    if value is None or (isinstance(value, float) and pd.isna(value)) or value == "":
+        return None
+    if not isinstance(value, str) or not _WEIGHTS_KEY.fullmatch(value):
+        raise DataError(where, f"weights_key must name a state dict in the checkpoint "
+                               f"(e.g. state_dict_ema), got {value!r}")
+    return value
+
+
+def _hf_offline() -> bool:
+    """HF_HUB_OFFLINE as the user set it, read now (huggingface_hub reads it once at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def parse_hub_weights(weights: str) -> tuple[str, str | None]:
+    """`hf-hub:<org>/<name>[@revision]` -> (repo id, revision or None)."""
+    repo, _, revision = weights.removeprefix(HF_HUB_PREFIX).partition("@")
+    parts = repo.split("/")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"'{weights}' is not hf-hub:<org>/<name>[@revision]")
+    return repo, revision or None
+
+
+def resolve_hub_weights(weights: str) -> str:
+    """The local weights file of an `hf-hub:` entry: the cached `model.safetensors` (else
+    `pytorch_model.bin`); when HF_HUB_OFFLINE is not set, a repository that is not cached is
+    downloaded (with its config.json, which holds the normalization). Raises
+    FileNotFoundError saying which repository is missing from which cache."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    repo, revision = parse_hub_weights(weights)
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None  # read now, like HF_HUB_OFFLINE
+    for name in HUB_WEIGHTS_FILES:
+        found = try_to_load_from_cache(repo, name, cache_dir=cache_dir, revision=revision)
+        if isinstance(found, str):
+            return found
+    where = f"{repo}{'@' + revision if revision else ''}"
+    if _hf_offline():
+        raise FileNotFoundError(
+            f"{where} is not in the local Hugging Face cache "
+            f"({cache_dir or HF_HUB_CACHE}; looked for {' or '.join(HUB_WEIGHTS_FILES)}), and "
+            "HF_HUB_OFFLINE is set, so nothing is downloaded: download it where there is "
+            f"network (`hf download {repo}`) or point HF_HUB_CACHE at a cache that has it")
+    from huggingface_hub import hf_hub_download
+
+    errors = []
+    for name in HUB_WEIGHTS_FILES:
+        try:
+            path = hf_hub_download(repo, name, revision=revision, cache_dir=cache_dir)
+        except Exception as exc:  # missing file, no network, unknown repo: try the next name
+            errors.append(f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            continue
+        try:
+            hf_hub_download(repo, "config.json", revision=revision, cache_dir=cache_dir)
+        except Exception:  # noqa: S110 - optional: only the normalization lives there
+            pass
+        return path
+    raise FileNotFoundError(f"{where} is not in the local Hugging Face cache and "
+                            f"could not be downloaded ({'; '.join(errors)})")
+
+
+def _local_weights(weights: str) -> str:
+    """`weights` itself, or the cached file an `hf-hub:` entry names."""
+    return resolve_hub_weights(weights) if weights.startswith(HF_HUB_PREFIX) else weights
 
 
 def build_model(arch: str, arch_kwargs: Mapping[str, Any] | str | None,
@@ -217,23 +308,60 @@ def _load_pickle(weights: str, *, mmap: bool = False) -> Any:
         return torch.load(src, map_location="cpu", weights_only=True)
 
 
-def _read_state_dict(weights: str) -> dict[str, torch.Tensor]:
-    """Raw tensors from a weights file, without ever running pickled code."""
+def read_training_checkpoint(weights: str) -> Any:
+    """A torch checkpoint's contents, loaded safely (weights_only), tensors memory-mapped where
+    the file allows: its metadata (epoch, args, metric) without reading the optimizer state."""
+    return _load_pickle(weights, mmap=True)
+
+
+def state_dict_in(obj: Any, key: str | None = None) -> dict[str, Any]:
+    """The model's tensors in a loaded torch checkpoint: `obj[key]` when a key is named (a
+    timm training checkpoint's `state_dict_ema`), else the first of STATE_DICT_KEYS present,
+    else `obj` itself; a DataParallel `module.` prefix is dropped."""
+    if key is not None:
+        if not isinstance(obj, Mapping) or not isinstance(obj.get(key), Mapping):
+            have = sorted(k for k, v in obj.items() if isinstance(v, Mapping)) \
+                if isinstance(obj, Mapping) else []
+            raise ValueError(f"no state dict '{key}' in the file (its state dicts: {have})")
+        obj = obj[key]
+    else:
+        for name in STATE_DICT_KEYS:
+            if isinstance(obj, Mapping) and name in obj and isinstance(obj[name], Mapping):
+                obj = obj[name]
+    from circuitray.checkpoint_meta import TensorInfo
+
+    if not isinstance(obj, Mapping) or not obj or not all(
+            isinstance(v, (torch.Tensor, TensorInfo)) for v in obj.values()):
+        raise ValueError("file holds no state dict of tensors")
+    return {str(k).removeprefix("module."): v for k, v in obj.items()}
+
+
+def _read_state_dict(weights: str, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Raw tensors from a weights file, without ever running pickled code. A torch file is
+    memory-mapped, so the entries not asked for (optimizer state) are never read."""
     suffix = _suffix(weights)
     if suffix in SAFE_SUFFIXES:
+        if key is not None:
+            raise ValueError(f"weights_key '{key}' names a state dict inside a torch training "
+                             "checkpoint; a .safetensors file holds one set of weights")
         from safetensors.torch import load, load_file
 
         return load(_read_bytes(weights)) if _is_uri(weights) else load_file(weights)
     if suffix in PICKLE_SUFFIXES:
-        obj = _load_pickle(weights)
-        for key in ("state_dict", "model", "model_state_dict"):
-            if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
-                obj = obj[key]
-        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor)
-                                                   for v in obj.values()):
-            raise ValueError("file holds no state dict of tensors")
-        return {k.removeprefix("module."): v for k, v in obj.items()}
+        return state_dict_in(_load_pickle(weights, mmap=True), key)
     raise ValueError(f"unknown weights format '{suffix}' (use .safetensors, or .pt/.pth/.pth.tar)")
+
+
+def read_weights_shapes(weights: str, key: str | None = None) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape in a local weights file, without reading the tensors."""
+    if _suffix(weights) in SAFE_SUFFIXES:
+        if key is not None:
+            return {k: tuple(v.shape) for k, v in _read_state_dict(weights, key).items()}
+        from safetensors import safe_open
+
+        with safe_open(weights, "pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118
+    return {k: tuple(v.shape) for k, v in _read_state_dict(weights, key).items()}
 
 
 def _norm_fields(cfg: Any) -> dict[str, Any]:
@@ -322,22 +450,41 @@ def read_checkpoint_preprocessing(weights: str) -> tuple[dict[str, Any], str] | 
     return None
 
 
-def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Every way `state` does not fit `model`: missing, unexpected and mis-shaped tensors."""
-    expected = model.state_dict()
+def read_error_reason(exc: BaseException) -> str:
+    """One line on why a weights file could not be read; a refused pickle says so."""
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "weights_only" in str(exc) or "Unpickl" in type(exc).__name__:
+        reason = f"refused: the pickle needs more than plain tensors to load ({reason})"
+    return reason
+
+
+def shape_problems(expected: Mapping[str, tuple[int, ...]],
+                   found: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Missing, unexpected and mis-shaped tensors of `found` against `expected` (name -> shape)."""
     problems = []
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
     if missing:
         problems.append(f"missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if unexpected:
         problems.append(f"unexpected tensor(s) {unexpected[:5]}"
                         f"{' ...' if len(unexpected) > 5 else ''}")
+    for k, shape in found.items():
+        if k in expected and tuple(shape) != tuple(expected[k]):
+            problems.append(f"{k} has shape {tuple(shape)}, architecture expects "
+                            f"{tuple(expected[k])}")
+    return problems
+
+
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Every way `state` does not fit `model`: missing, unexpected and mis-shaped tensors, and
+    tensors holding NaN or infinite values."""
+    expected = model.state_dict()
+    problems = shape_problems({k: tuple(v.shape) for k, v in expected.items()},
+                              {k: tuple(v.shape) for k, v in state.items()})
     for k, v in state.items():
-        if k in expected and tuple(v.shape) != tuple(expected[k].shape):
-            problems.append(f"{k} has shape {tuple(v.shape)}, architecture expects "
-                            f"{tuple(expected[k].shape)}")
-        elif k in expected and v.is_floating_point() and not torch.isfinite(v).all():
+        if k in expected and tuple(v.shape) == tuple(expected[k].shape) and \
+                v.is_floating_point() and not torch.isfinite(v).all():
             problems.append(f"{k} holds NaN or infinite values")
     return problems
 
@@ -358,15 +505,18 @@ def load_checkpoint(row: Mapping[str, Any] | pd.Series) -> torch.nn.Module:
     except Exception as exc:
         raise CheckpointError(cid, weights, f"cannot build architecture '{row['arch']}' "
                                             f"with {row['arch_kwargs']}: {exc}") from exc
-    if not _is_uri(weights) and not Path(weights).is_file():
+    try:
+        key = _weights_key(row.get("weights_key"), "weights_key")
+        local = _local_weights(weights)
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        raise CheckpointError(cid, weights, str(exc)) from exc
+    if not _is_uri(local) and not Path(local).is_file():
         raise CheckpointError(cid, weights, "weights file does not exist")
     try:
-        state = _read_state_dict(weights)
+        state = _read_state_dict(local, key)
     except Exception as exc:  # SafetensorError, UnpicklingError, OSError, ...
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "weights_only" in str(exc) or "Unpickl" in type(exc).__name__:
-            reason = f"refused: the pickle needs more than plain tensors to load ({reason})"
-        raise CheckpointError(cid, weights, f"unreadable weights: {reason}") from exc
+        raise CheckpointError(cid, weights, f"unreadable weights: {read_error_reason(exc)}"
+                              ) from exc
     problems = check_state_dict(model, state)
     if problems:
         raise CheckpointError(cid, weights, "; ".join(problems))

@@ -1,9 +1,9 @@
 """Per-example model outputs (OUTPUT_SCHEMA): what every output-based baseline needs.
 
-One forward pass per batch through timm's `forward_features` -> `forward_head(pre_logits=True)`
-gives the penultimate pooled features (RankMe, MMD) and, through the head, the logits from
-which softmax statistics, energy, temperature-scaled variants and BBSD are derived later,
-without running the model again.
+One forward pass per batch through timm's `forward_features`; `forward_head(pre_logits=True)`
+on its tokens gives the penultimate pooled features (RankMe, MMD) and `forward_head` the
+logits from which softmax statistics, energy, temperature-scaled variants and BBSD are
+derived later, without running the model again.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from circuitray.attribution import eval_mode, split_batch
 from circuitray.errors import InputError
 from circuitray.tables import OUTPUT_SCHEMA
+from circuitray.torch_utils import eval_mode, split_batch
 
 
 def softmax_stats(logits: np.ndarray) -> dict[str, np.ndarray]:
@@ -51,8 +51,10 @@ def model_outputs(model: torch.nn.Module, batches: Iterable[Any], *, task: str,
             images, labels = split_batch(batch, f"checkpoint '{checkpoint}', domain "
                                                 f"'{domain}', batch {i}")
             images = images.to(device)
-            pooled = model.forward_head(model.forward_features(images), pre_logits=True)
-            logits = model.get_classifier()(pooled)
+            tokens = model.forward_features(images)
+            pooled = model.forward_head(tokens, pre_logits=True)
+            # not get_classifier()(pooled): a DeiT distilled has two heads on two tokens
+            logits = model.forward_head(tokens)
             if not torch.isfinite(logits).all():
                 raise InputError(f"checkpoint '{checkpoint}', domain '{domain}': non-finite "
                                  "logits")

@@ -19,6 +19,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from circuitray.graph import node_of  # noqa: E402
+
 
 def stats_line(x: Sequence[float], y: Sequence[float]) -> str:
     """'SRCC +0.77 · KRCC +0.60 · R² 0.52 (n=24)' over the finite pairs, or why not."""
@@ -118,27 +120,22 @@ def trajectories(df: pd.DataFrame, x: str, y: str, group: str, path: str | os.Pa
     return _save(fig, path)
 
 
-def _node_depth(name: str, n_blocks: int) -> int:
-    if name == "input":
-        return 0
-    if name == "logits":
-        return n_blocks + 1
-    return int(name[1:].split(".")[0].split("<")[0]) + 1
-
-
 def circuit_drawing(edges: pd.DataFrame, path: str | os.PathLike, *, top_n: int = 60,
                     title: str = "") -> Path:
     """The top-n |score| edges of one circuit, nodes laid out by depth (left to right).
 
     q/k/v destinations are drawn on their head's node; red = positive, blue = negative score.
+    Depths come from the table's src_depth/dst_depth columns: names are only grouped by node.
     """
     top = edges.reindex(edges["score"].abs().sort_values(ascending=False).index).head(top_n)
     n_blocks = int(edges["dst_depth"].max()) - 1
-    strip = top["dst"].str.replace(r"<[qkv]>$", "", regex=True)
-    nodes = sorted(set(top["src"]) | set(strip), key=lambda s: (_node_depth(s, n_blocks), s))
+    strip = top["dst"].map(node_of)
+    depth = {**dict(zip(top["src"], top["src_depth"].astype(int), strict=True)),
+             **dict(zip(strip, top["dst_depth"].astype(int), strict=True))}
+    nodes = sorted(depth, key=lambda s: (depth[s], s))
     by_depth: dict[int, list[str]] = {}
     for node in nodes:
-        by_depth.setdefault(_node_depth(node, n_blocks), []).append(node)
+        by_depth.setdefault(depth[node], []).append(node)
     pos = {}
     for depth, names in by_depth.items():
         for i, node in enumerate(names):

@@ -19,7 +19,8 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from circuitray.errors import CircuitrayError, OutputError, TrackingError, os_error_reason  # noqa: E402
 from circuitray.procinfo import ProcessId  # noqa: E402
 
 _MAX_PARAMS = 100  # MLflow's per-batch limits
@@ -156,6 +158,60 @@ def close_stale_runs(client: MlflowClient, experiment_id: str, job: str) -> list
         print(f"[tracking] marked {len(closed)} run(s) KILLED that a killed earlier run of "
               f"this job left RUNNING", file=sys.stderr, flush=True)
     return closed
+
+
+def _store_file(uri: str) -> str | None:
+    """The database file of a local sqlite store (what a full disk cannot grow)."""
+    return uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = exc
+    while seen.__cause__ is not None or seen.__context__ is not None:
+        seen = seen.__cause__ or seen.__context__
+    return seen
+
+
+def _create_sqlite_store(path: str) -> None:
+    """Create a new local sqlite store under a temporary name, then rename it: MLflow builds
+    its schema in many steps, and a full disk midway would leave a half-migrated database
+    that every later run refuses ("table _alembic_tmp_... already exists")."""
+    import uuid
+
+    final = Path(path)
+    if final.exists():
+        return
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def store_errors(uri: str) -> Iterator[None]:
+    """MLflow or its database failing (a full disk, an unreachable server, a broken schema)
+    becomes one CircuitrayError naming the store, not a SQLAlchemy traceback; a full disk
+    under a local sqlite store is an OutputError naming the database file. A new local
+    sqlite store is created whole or not at all."""
+    try:
+        path = _store_file(uri)
+        if path is not None:
+            _create_sqlite_store(path)
+        yield
+    except CircuitrayError:
+        raise
+    except Exception as exc:
+        cause = _root_cause(exc)
+        text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        path = _store_file(uri)
+        if isinstance(cause, OSError):
+            text = os_error_reason(cause)
+        if path is not None and ("disk is full" in text or "disk full" in text):
+            raise OutputError(path, "disk full (no space left on the device)") from exc
+        raise TrackingError(f"MLflow store {uri}: {type(cause).__name__}: {text}") from exc
 
 
 def start_job_run(*, tracking_uri: str, experiment: str, artifact_root: str | os.PathLike,

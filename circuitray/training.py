@@ -27,11 +27,11 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from circuitray.attribution import eval_mode
 from circuitray.data.classes import folder_class_map
 from circuitray.data.datasets import DomainFolderDataset, eval_transform, load_all
 from circuitray.data.demo import DIGIT_TASKS, task_splits
 from circuitray.models import build_model
+from circuitray.torch_utils import eval_mode
 
 Augment = Literal["none", "shift"]
 

@@ -1,10 +1,17 @@
-"""EAP / EAP-IG scores against exact oracles (DESIGN §2), in float64 on tiny random ViTs."""
+"""EAP / EAP-IG scores against exact oracles (DESIGN §2), in float64 on tiny random ViTs.
+
+The oracle tests are parametrized over model families too (a DeiT distilled beside the
+ViTs): one finite-difference oracle proves every family's adapter.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import pytest
 import torch
+from _families import tiny_deit
 from _tiny import images, tiny_vit
 
 from circuitray import attribute
@@ -20,13 +27,20 @@ from circuitray.attribution import (
     score_batch,
 )
 from circuitray.errors import ConfigError, InputError, UnsupportedModelError
-from circuitray.hooks import ViTAdapter
+from circuitray.families import ViTAdapter, adapter_for
 
 VARIANTS = {
     "plain": {},
     "reg+layerscale+prenorm+avg": {"reg_tokens": 2, "init_values": 0.5, "pre_norm": True,
                                    "class_token": False, "global_pool": "avg"},
     "noembedcls+qknorm": {"no_embed_class": True, "qk_norm": True, "reg_tokens": 1},
+}
+# every model the forward and per-step oracles run on: the ViT variants, then other families
+MODELS = {
+    **{name: functools.partial(tiny_vit, **kw) for name, kw in VARIANTS.items()},
+    "deit-distilled": tiny_deit,
+    "deit-distilled+layerscale+qknorm+prenorm": functools.partial(
+        tiny_deit, init_values=0.5, qk_norm=True, pre_norm=True),
 }
 
 
@@ -94,21 +108,21 @@ def _assert_matches_finite_differences(got, fd, where, floor=1e-4):
     assert np.abs(got - fd).max() < 1e-8 * scale, (where, np.abs(got - fd).max() / scale)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(MODELS))
 def test_graph_forward_reproduces_timm_forward(variant):
-    model, x = tiny_vit(**VARIANTS[variant]), images()
+    model, x = MODELS[variant](), images()
     with torch.no_grad():
-        torch.testing.assert_close(ViTAdapter(model).graph_forward(x), model(x),
+        torch.testing.assert_close(adapter_for(model).graph_forward(x), model(x),
                                    rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("variant", ["plain", "reg+layerscale+prenorm+avg"])
+@pytest.mark.parametrize("variant", ["plain", "reg+layerscale+prenorm+avg", "deit-distilled"])
 def test_score_equals_finite_difference_per_edge_at_every_ig_step(variant, metric):
     """Oracle (a): at step k, score(u→v) = d/dε M(run k with in_v += ε(ã_u − a_u))."""
-    model, x = tiny_vit(**VARIANTS[variant]).requires_grad_(False), images()
+    model, x = MODELS[variant]().requires_grad_(False), images()
     labels = torch.arange(len(x)) % 5 if metric == "ce" else None
-    adapter = ViTAdapter(model)
+    adapter = adapter_for(model)
     g = adapter.graph
     runner = _Runner(adapter, torch.device("cpu"), "fp32")
     # ã from a different reference set, so the α=0 run differs per example (non-degenerate)
@@ -141,6 +155,7 @@ def _layerscale_shrunk(model, factor=1e-2):
 ORACLE_MODELS = {
     "reg+layerscale": lambda: tiny_vit(reg_tokens=1, init_values=0.5),
     "near-zero-layernorm": lambda: _layerscale_shrunk(tiny_vit(reg_tokens=1, init_values=0.5)),
+    "deit-distilled": lambda: tiny_deit(init_values=0.5),
 }
 
 
@@ -148,6 +163,7 @@ ORACLE_MODELS = {
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize(("model_name", "ablation"), [
     *[("reg+layerscale", a) for a in ABLATIONS], ("near-zero-layernorm", "zero"),
+    *[("deit-distilled", a) for a in ABLATIONS],
 ])
 def test_attribute_equals_finite_difference_for_every_option(model_name, ablation, metric,
                                                             method):
@@ -161,7 +177,10 @@ def test_attribute_equals_finite_difference_for_every_option(model_name, ablatio
     # Center the logits over x so the predicted class differs between examples: with one
     # class for all, EAP's logit scores under mean ablations are all exactly 0 (vacuous).
     with torch.no_grad():
-        model.head.bias -= model(x).mean(0)
+        mean = model(x).mean(0)
+        for head in (model.head, getattr(model, "head_dist", None)):  # DeiT: logits average
+            if head is not None:                                       # both heads
+                head.bias -= mean
     assert len(model(x).argmax(-1).unique()) > 1
     labels = torch.arange(len(x)) % 5
     x_corrupted = images(n=4, seed=3)
@@ -169,7 +188,7 @@ def test_attribute_equals_finite_difference_for_every_option(model_name, ablatio
     result = attribute(model, [(x, labels)], method=method, ablation=ablation, metric=metric,
                        steps=steps, device="cpu",
                        corrupted_batches=[x_corrupted] if ablation == "corrupted" else None)
-    adapter = ViTAdapter(model)
+    adapter = adapter_for(model)
     g = adapter.graph
     clean = node_values(model, x, device="cpu")
     with torch.no_grad():

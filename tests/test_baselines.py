@@ -8,6 +8,7 @@ import pytest
 import scipy.special
 
 from circuitray.baselines import (
+    LABELED_BASELINES,
     atc_predict,
     atc_threshold,
     bbsd,
@@ -155,11 +156,56 @@ def test_shift_detectors_flag_the_shifted_domain() -> None:
 
 def test_bad_outputs_tables_name_the_problem() -> None:
     f = make_zoo_outputs()
-    with pytest.raises(TableError, match="features"):
+    with pytest.raises(TableError, match="features"):  # a table-level error still raises
         pre_deployment_baselines(f.drop(columns="features"), id_domain="id")
-    with pytest.raises(TableError, match="checkpoint 'c1' has no rows on the ID domain"):
-        pre_deployment_baselines(f[~((f.checkpoint == "c1") & (f.domain == "id"))],
-                                 id_domain="id")
-    with pytest.raises(TableError, match="unlabeled"):
-        pre_deployment_baselines(f.assign(label=pd.array([None] * len(f), "Int64")),
-                                 id_domain="id")
+    fails: list = []
+    out = pre_deployment_baselines(f[~((f.checkpoint == "c1") & (f.domain == "id"))],
+                                   id_domain="id", failures=fails)
+    c1 = out[out.checkpoint == "c1"].iloc[0]
+    assert np.isnan(c1.atc_mc) and np.isfinite(c1.ac)
+    assert "checkpoint 'c1', domain 'id': no rows on the ID domain" in c1.reason
+    assert [(x.checkpoint, x.domain) for x in fails] == [("c1", "id")]
+    assert (out[out.checkpoint == "c0"].reason == "").all()
+
+
+def test_unlabeled_id_domain_keeps_label_free_proxies_and_detectors() -> None:
+    f = make_zoo_outputs()
+    hidden = f.assign(label=f.label.where(f.domain != "id"))
+    fails: list = []
+    out = pre_deployment_baselines(hidden, id_domain="id", failures=fails)
+    full = pre_deployment_baselines(f, id_domain="id")
+    assert out[list(LABELED_BASELINES)].isna().all().all()
+    free = ["ac", "ane", "energy", "nuclear", "mano", "mde", "rankme"]
+    pd.testing.assert_frame_equal(out[free], full[free])  # unchanged by the missing labels
+    assert out.reason.str.contains("120 of 120 ID examples are unlabeled").all()
+    assert [(x.checkpoint, x.domain) for x in fails] == [("c0", "id"), ("c1", "id")]
+    assert all(x.what.startswith("baselines needing ID labels") for x in fails)
+    pd.testing.assert_frame_equal(shift_detectors(hidden, id_domain="id", n_perm=50),
+                                  shift_detectors(f, id_domain="id", n_perm=50))
+
+
+def test_labels_outside_the_head_are_named_not_an_index_error() -> None:
+    f = make_zoo_outputs()
+    bad = f.assign(label=f.label.where(~((f.checkpoint == "c1") & (f.example < 2)), 7))
+    fails: list = []
+    out = pre_deployment_baselines(bad, id_domain="id", failures=fails).set_index(
+        ["checkpoint", "domain"])
+    assert out.loc[("c1", "ood"), list(LABELED_BASELINES)].isna().all()
+    assert np.isfinite(out.loc[("c0", "ood"), list(LABELED_BASELINES)].astype(float)).all()
+    assert "checkpoint 'c1', domain 'id': labels [7] outside the model head's 3 classes" in \
+        fails[0].error
+    acc = domain_accuracy(bad, failures=fails).set_index(["checkpoint", "domain"])
+    assert np.isnan(acc.loc[("c1", "ood"), "accuracy"]) and "labels [7]" in acc.loc[
+        ("c1", "ood"), "reason"]
+    assert np.isfinite(acc.loc[("c0", "ood"), "accuracy"])
+
+
+def test_all_zero_features_make_only_rankme_nan() -> None:
+    f = make_zoo_outputs()
+    zero = f.assign(features=[np.zeros(8)] * len(f))
+    fails: list = []
+    out = pre_deployment_baselines(zero, id_domain="id", failures=fails)
+    assert out.rankme.isna().all() and np.isfinite(out.drop(columns=[
+        "task", "checkpoint", "domain", "reason", "rankme"]).astype(float)).all().all()
+    assert out.reason.str.fullmatch("baselines.rankme: RankMe: features are all zero").all()
+    assert len(fails) == 4 and {x.error_type for x in fails} == {"MetricError"}

@@ -1,33 +1,44 @@
-"""Circuits: selection, pruning, circuit runs and faithfulness; completeness on a trained ViT."""
+"""Circuits: selection, pruning, circuit runs and faithfulness; completeness on a trained ViT.
+
+Circuit runs are checked on every model family (`_families.FAMILY_MODELS`).
+"""
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import pytest
 import torch
+from _families import FAMILY_MODELS, tiny_deit
 from _tiny import images, tiny_vit, trained_vit
 
 from circuitray import attribute
 from circuitray.attribution import compute_ablation, metric_per_example, node_values
 from circuitray.circuits import faithfulness, prune, run_with_circuit, select_edges
 from circuitray.errors import ConfigError
+from circuitray.families import ViTAdapter, adapter_for
 from circuitray.graph import ViTGraph
-from circuitray.hooks import ViTAdapter
 
 
-@pytest.mark.parametrize("variant", [{}, {"reg_tokens": 2, "init_values": 0.3,
-                                          "class_token": False, "global_pool": "avg"}])
-def test_full_circuit_reproduces_clean_logits(variant):
-    model, x = tiny_vit(**variant), images()
+@pytest.mark.parametrize("make", [
+    tiny_vit,
+    functools.partial(tiny_vit, reg_tokens=2, init_values=0.3, class_token=False,
+                      global_pool="avg"),
+    functools.partial(tiny_deit, init_values=0.3),
+], ids=["vit", "vit-reg-avg", "deit-distilled"])
+def test_full_circuit_reproduces_clean_logits(make):
+    model, x = make(), images()
     full = np.ones((7, 15), dtype=bool)
     with torch.no_grad():
         torch.testing.assert_close(run_with_circuit(model, x, full), model(x), rtol=0, atol=1e-6)
 
 
-def test_empty_circuit_reproduces_the_fully_ablated_run():
-    model, x, xc = tiny_vit(init_values=0.5), images(), images(seed=7)
+@pytest.mark.parametrize("family", list(FAMILY_MODELS))
+def test_empty_circuit_reproduces_the_fully_ablated_run(family):
+    model, x, xc = FAMILY_MODELS[family](init_values=0.5), images(), images(seed=7)
     empty = np.zeros((7, 15), dtype=bool)
-    adapter = ViTAdapter(model)
+    adapter = adapter_for(model)
     with torch.no_grad():
         # corrupted: every destination reads the corrupted run's nodes = the corrupted run
         torch.testing.assert_close(run_with_circuit(model, x, empty, ablation="corrupted",
@@ -73,8 +84,9 @@ def test_prune_drops_edges_off_every_input_to_logits_path():
     assert prune(g, g.edge_mask()).sum() == g.n_edges
 
 
-def test_faithfulness_curve_ends_at_one_and_cpr_cmd_are_trapezoids():
-    model, x = tiny_vit(), images()
+@pytest.mark.parametrize("family", list(FAMILY_MODELS))
+def test_faithfulness_curve_ends_at_one_and_cpr_cmd_are_trapezoids(family):
+    model, x = FAMILY_MODELS[family](), images()
     scores = attribute(model, [x[:4], x[4:]], steps=2)
     curve, cpr, cmd = faithfulness(model, [x[:4], x[4:]], scores, sizes=(0, 10, 50, 100))
     assert list(curve["n_edges"]) == [0, round(0.1 * 46), 23, 46]

@@ -9,12 +9,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from _families import FAMILY_MODELS
 from _jobdata import write_checkpoints
 from _tiny import images, tiny_vit
 
 from circuitray.attribution import attribute
 from circuitray.data import datasets
 from circuitray.data.datasets import RememberedItems, make_loader, subset_indices
+from circuitray.families import adapter_for
 from circuitray.job_config import JobConfig, load_job_config
 from circuitray.runtime import discover
 from circuitray.runtime.layout import JobLayout
@@ -148,16 +150,18 @@ def test_attribute_counts_the_plain_runs_it_reused() -> None:
     assert attribute(model, batches, method="eap", ablation="zero").plain_runs_reused == 0
 
 
+@pytest.mark.parametrize("family", sorted(FAMILY_MODELS))
 @pytest.mark.parametrize("rows", [0, 1, 8, 10**6])
-def test_summing_gradients_over_ig_points_changes_no_score(monkeypatch, rows) -> None:
+def test_summing_gradients_over_ig_points_changes_no_score(monkeypatch, rows, family) -> None:
     """Destinations whose gradients are summed over the IG points (within IG_SUM_BYTES: none,
     the logits, the last block (two for the smaller batch), all) score as when contracted
-    point by point."""
+    point by point, for every family (the sums are of what its adapter's read_grads gives)."""
     import circuitray.attribution as attribution
 
-    model, x = tiny_vit(depth=3), images(n=6)
+    model, x = FAMILY_MODELS[family](depth=3), images(n=6)
     batches = [x[:4], x[4:]]
-    row_bytes = 4 * 5 * 16 * 8  # N·T·D float64 of the first batch (T = 4 patches + cls)
+    # N·T·D float64 of the first batch (T = 4 patches + the family's extra tokens)
+    row_bytes = 4 * (4 + len(adapter_for(model).extra_tokens)) * 16 * 8
     kw = dict(steps=3, dtype="fp64", per_example_norms=True)
     monkeypatch.setattr(attribution, "IG_SUM_BYTES", 0)
     ref = attribute(model, batches, **kw)

@@ -22,6 +22,7 @@ from circuitray.evaluation import (
     pre_deployment,
     result_table,
     silent_failure_alarm,
+    usable_checkpoints,
     within_group,
 )
 
@@ -190,7 +191,7 @@ def test_result_table_puts_circuit_metrics_and_baselines_side_by_side() -> None:
     pre = pre_deployment(f, metrics=["ddb_out_0.3", "ac"], n_boot=50)
     table = result_table(pre=pre)
     assert list(table.metric) == ["ddb_out_0.3", "ac"]  # sorted by composite, best first
-    assert list(table.kind) == ["circuit", "baseline"]
+    assert list(table.kind) == ["circuit", "output"]  # the registry's kinds
     assert table.paper_pre_composite.tolist() == [PAPER_RESULTS["pre"]["ddb_out_0.3"],
                                                   PAPER_RESULTS["pre"]["ac"]]
     for col in ("pre_composite", "pre_composite_lo", "pre_composite_hi", "pre_srcc_lo"):
@@ -224,7 +225,7 @@ def test_result_table_joins_pre_post_and_alarm_rows_per_metric() -> None:
     assert table.loc["css_srcc", "post_composite"] > 0.5
     assert table.loc["css_srcc", "paper_post_composite"] == PAPER_RESULTS["post"]["css_srcc"]
     assert table.loc["css_srcc", "alarm_auroc"] > table.loc["ac", "alarm_auroc"]
-    assert table.loc["css_srcc", "kind"] == "circuit" and table.loc["ac", "kind"] == "baseline"
+    assert table.loc["css_srcc", "kind"] == "circuit" and table.loc["ac", "kind"] == "output"
 
 
 def test_direction_patterns_do_not_swallow_other_columns() -> None:
@@ -326,3 +327,17 @@ def test_pre_deployment_with_several_ood_domains_counts_each_task_once() -> None
     assert overall.composite == pytest.approx((g["bg"].mean() + g[("patch", "d0")]) / 2)
     assert overall.composite != pytest.approx(g.mean())
     assert _outside(out) == []
+
+
+def test_task_with_fewer_than_three_usable_checkpoints_is_marked_to_skip() -> None:
+    nan = np.nan
+    frame = pd.DataFrame({
+        "task": ["a"] * 4 + ["b"] * 4,
+        "ood_acc": [0.5, 0.6, 0.7, 0.8, 0.5, nan, 0.7, 0.8],
+        "ac": [0.1, 0.2, 0.3, 0.4, nan, 0.2, 0.3, 0.4],
+        "rankme": [nan, 1.0, 2.0, 3.0, nan, 1.0, nan, 3.0],
+    })
+    out = usable_checkpoints(frame, metrics=["ac", "rankme"], target="ood_acc").set_index("task")
+    assert out.n_usable.to_dict() == {"a": 4, "b": 2}  # b: no metric / no target in two rows
+    assert out.evaluate.to_dict() == {"a": True, "b": False}
+    assert out.note.to_dict() == {"a": "", "b": "task b: only 2 usable checkpoints (need 3)"}

@@ -113,6 +113,26 @@ def test_weights_rewritten_recompute_but_touched_weights_do_not(tmp_path: Path,
     assert not third.reduce.skipped
 
 
+def test_changed_config_json_beside_the_weights_recomputes_with_the_new_normalization(
+        tmp_path: Path, local_ray, capsys) -> None:
+    """A hub-layout config.json sets the checkpoints' mean/std: editing it is a change of
+    input, like the weights themselves."""
+    import json
+
+    manifest = write_checkpoints(tmp_path, 2)
+    config = tmp_path / "weights" / "config.json"
+    config.write_text(json.dumps({"pretrained_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}))
+    cfg = _config(tmp_path, manifest)
+    run_pipeline(cfg)
+    config.write_text(json.dumps({"pretrained_cfg": {"mean": [0.2] * 3, "std": [0.3] * 3}}))
+    capsys.readouterr()
+    again = run_pipeline(cfg)
+    assert "weights.config changed" in capsys.readouterr().err
+    assert sorted(again.discover.done) == ["ckpt0", "ckpt1"] and not again.reduce.skipped
+    marker = pq.read_table(JobLayout.of(cfg.output_dir).marker("ckpt0")).to_pandas()
+    assert marker["mean"].map(lambda m: list(np.round(m, 6))).tolist() == [[0.2] * 3] * len(marker)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_damaged_or_missing_domain_file_is_named_by_reduce_and_recomputed_by_run(
         tmp_path: Path, local_ray, capsys, damage: str) -> None:
@@ -146,6 +166,36 @@ def test_damaged_or_missing_domain_file_is_named_by_reduce_and_recomputed_by_run
     assert models.set_index("checkpoint").loc["ckpt0"].filter(like="ddb_").notna().all()
 
 
+def test_bytes_changed_under_the_same_size_and_mtime_stop_reduce_naming_the_file(
+        tmp_path: Path, local_ray, capsys) -> None:
+    """Bit rot keeps size and mtime, so only the checksum of the bytes reduce parses (in a
+    Ray task) catches it: the driver stops with the file's name, not a worker traceback."""
+    import os
+
+    from circuitray import cli
+
+    manifest = write_checkpoints(tmp_path, 2)
+    cfg = _config(tmp_path, manifest)
+    run_pipeline(cfg)
+    victim = JobLayout.of(cfg.output_dir).outputs_file("toy", "ckpt1", "id")
+    st = victim.stat()
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(StaleResultError, match=rf"{victim}: damaged.*delete it and run discover"):
+        run_reduce(cfg, force=True)
+    capsys.readouterr()
+    args = ["reduce", str(CONF), f"manifest={manifest}", f"output_dir={cfg.output_dir}", *FAST]
+    assert cli.main([*args, "--force"]) == 2
+    err = capsys.readouterr().err
+    assert str(victim) in err and "Traceback" not in err and "RayTaskError" not in err
+    victim.unlink()
+    result = run_pipeline(cfg)
+    assert result.discover.done == ["ckpt1"] and result.discover.computed == 1
+    assert not run_reduce(cfg, force=True).skipped  # the recomputed bytes verify again
+
+
 def test_unreadable_image_is_reported_once_for_every_checkpoint_before_any_model_loads(
         tmp_path: Path, local_ray, capsys, monkeypatch) -> None:
     manifest = write_checkpoints(tmp_path, 2)
@@ -159,3 +209,19 @@ def test_unreadable_image_is_reported_once_for_every_checkpoint_before_any_model
     assert failures.error.str.contains(str(bad), regex=False).all()
     err = capsys.readouterr().err
     assert err.count(str(bad)) >= 1 and "cannot run" in err
+
+
+def test_weights_key_is_part_of_the_fingerprint(tmp_path: Path) -> None:
+    """The EMA and the raw weights of one training checkpoint are different models."""
+    from circuitray.runtime.plan import domain_inputs, domain_specs, fingerprint, manifest_rows
+
+    manifest = write_checkpoints(tmp_path, 1)
+    cfg = _config(tmp_path, manifest)
+    row = manifest_rows(cfg)[0]
+    spec = domain_specs(row, cfg)[0]
+    listings = {"id": "a", "ood": "b"}
+
+    def fp(r: dict) -> str:
+        return fingerprint(domain_inputs(r, spec, cfg, weights="w", listings=listings))
+
+    assert fp(row) != fp({**row, "weights_key": "state_dict_ema"})

@@ -9,6 +9,7 @@ import torch
 from _tiny import tiny_vit
 
 from circuitray.errors import UnsupportedModelError
+from circuitray.families import graph_of
 from circuitray.graph import ViTGraph, edge_count
 
 
@@ -57,7 +58,7 @@ def test_graph_rebuilds_from_names():
 def test_graph_from_timm_variants_has_formula_edge_count(kw):
     kw = dict(kw)
     depth, heads = kw.pop("depth", 2), kw.pop("heads", 2)
-    g = ViTGraph.from_model(tiny_vit(depth=depth, heads=heads, **kw))
+    g = graph_of(tiny_vit(depth=depth, heads=heads, **kw))
     assert (g.n_blocks, g.n_heads) == (depth, heads)
     assert int(g.edge_mask().sum()) == edge_count(depth, heads)
 
@@ -65,7 +66,7 @@ def test_graph_from_timm_variants_has_formula_edge_count(kw):
 def test_vit_b16_built_on_meta_device_has_32491_edges():
     with torch.device("meta"):
         model = timm.create_model("vit_base_patch16_224", pretrained=False)
-    assert ViTGraph.from_model(model).n_edges == 32_491
+    assert graph_of(model).n_edges == 32_491
 
 
 @pytest.mark.parametrize(("kw", "part"), [
@@ -81,15 +82,47 @@ def test_unsupported_variants_are_refused_naming_model_and_part(kw, part):
         kw = {"block_fn": getattr(vt, kw["block_fn"])}
     model = tiny_vit(**kw)
     with pytest.raises(UnsupportedModelError) as err:
-        ViTGraph.from_model(model)
+        graph_of(model)
     assert part in str(err.value) and "vit_tiny_patch16_224" in str(err.value)
 
 
 def test_a_non_vit_model_is_refused():
     with pytest.raises(UnsupportedModelError, match="not a timm VisionTransformer"):
-        ViTGraph.from_model(torch.nn.Linear(3, 3))
+        graph_of(torch.nn.Linear(3, 3))
 
 
 def test_graphs_compare_by_shape_and_are_hashable():
     assert ViTGraph(2, 3, "a") == ViTGraph(2, 3, "b") != ViTGraph(3, 2)
     assert len({ViTGraph(2, 3), ViTGraph(2, 3, "x")}) == 1
+
+
+def test_node_name_helpers_read_block_head_node_and_depth():
+    from circuitray.graph import node_block, node_depth, node_head, node_of
+
+    assert [node_of(n) for n in ("a3.h1<q>", "a3.h1", "m2", "input", "logits")] == [
+        "a3.h1", "a3.h1", "m2", "input", "logits"]
+    assert [node_block(n) for n in ("a3.h1<v>", "m12", "input", "logits")] == [3, 12, None, None]
+    assert [node_head(n) for n in ("a3.h10<k>", "a0.h0", "m1", "input")] == [10, 0, None, None]
+    g = ViTGraph(3, 2)
+    assert [node_depth(n, 3) for n in g.src_names] == g.src_depth.tolist()
+    assert [node_depth(n, 3) for n in g.dst_names] == g.dst_depth.tolist()
+
+
+@pytest.mark.parametrize("bad", ["a3", "m1<q>", "x0.h1", "a1.h2<z>", ""])
+def test_malformed_node_names_are_refused_naming_the_name(bad):
+    from circuitray.errors import TableError
+    from circuitray.graph import node_depth
+
+    with pytest.raises(TableError, match="node name"):
+        node_depth(bad, 4)
+
+
+def test_graph_module_imports_neither_torch_nor_a_model_family():
+    import subprocess
+    import sys
+
+    code = ("import sys, circuitray.graph, circuitray.metrics; "
+            "bad = [m for m in ('torch', 'timm', 'circuitray.families', 'circuitray.hooks') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

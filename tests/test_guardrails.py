@@ -217,30 +217,45 @@ def test_disk_full_during_discover_fails_the_write_stage_and_a_rerun_resumes(
         assert marker.set_index("domain").resumed.to_dict() == {"id": True, "ood": False}
 
 
-def test_pipeline_stops_before_reduce_when_tables_cannot_be_written(
-        tmp_path: Path, monkeypatch) -> None:
-    """Write failures (disk full) are not the checkpoints' fault: the job stops with an
-    OutputError instead of reducing and reporting them as bad checkpoints."""
-    from circuitray.runtime import pipeline
-    from circuitray.runtime.discover import DiscoverSummary, record_result
+def test_unwritable_running_marker_is_a_write_failure_naming_it_not_a_crashed_task(
+        tmp_path: Path) -> None:
+    """The `running/<ckpt>.json` note is the checkpoint's first write: where it cannot be
+    written the checkpoint fails at stage write with OutputError naming the path (before, the
+    OSError escaped the task and Ray retried it, then crashed the driver with a traceback)."""
+    from circuitray.runtime.discover import discover_checkpoint
+    from circuitray.runtime.plan import manifest_rows
 
     manifest = write_checkpoints(tmp_path, 1)
     cfg = load_job_config(CONF, [f"manifest={manifest}", f"output_dir={tmp_path / 'job'}"])
+    layout = JobLayout.of(cfg.output_dir)
+    layout.root.mkdir(parents=True)
+    layout.running_file("ckpt0").parent.write_text("a file where the folder should be")
+    result = discover_checkpoint(manifest_rows(cfg)[0], cfg)
+    assert result["status"] == "failed" and result["stage"] == "write"
+    assert result["error_type"] == "OutputError"
+    assert str(layout.running_file("ckpt0")) in result["error"]
 
-    def discover(cfg):
-        record_result(JobLayout.of(cfg.output_dir), {
-            "checkpoint": "ckpt0", "status": "failed", "stage": "write",
-            "error_type": "OutputError", "error": "cannot write /x/edges/a.parquet: disk full"})
-        return DiscoverSummary(failed=["ckpt0"])
+
+def test_job_stops_at_the_first_checkpoint_that_cannot_write_and_reduce_never_runs(
+        tmp_path: Path, local_ray, monkeypatch) -> None:
+    """Write failures (disk full) are not the checkpoints' fault: discover cancels the rest
+    and the job stops with an OutputError naming the path, instead of failing every
+    checkpoint in turn and reducing them as bad checkpoints."""
+    from circuitray.runtime import pipeline
+
+    manifest = write_checkpoints(tmp_path, 3)
 
     def reduce(cfg, force=False):
         raise AssertionError("reduce ran after the disk filled up")
 
-    monkeypatch.setattr(pipeline, "run_discover", discover)
     monkeypatch.setattr(pipeline, "run_reduce", reduce)
-    with pytest.raises(OutputError, match=r"1 checkpoint\(s\) could not write.*disk full"):
-        pipeline.run_pipeline(cfg)
-    assert not (tmp_path / "job" / LOCK_NAME).exists(), "the lock outlived the job"
+    with _tmpfs(tmp_path / "disk", "32k") as disk:
+        cfg = load_job_config(CONF, [f"manifest={manifest}", f"output_dir={disk / 'job'}",
+                                     "data.shift_kinds=[]", "data.proxy_kinds=[]"])
+        with pytest.raises(OutputError, match=r"could not write its tables .*disk full.*"
+                                              r"the job stopped there"):
+            pipeline.run_pipeline(cfg)
+        assert not (disk / "job" / LOCK_NAME).exists(), "the lock outlived the job"
 
 
 # ------------------------------------------------------------------------------ the lock

@@ -261,3 +261,25 @@ def test_list_columns_of_a_parquet_manifest_become_json(tmp_path, model) -> None
     df = read_manifest(tmp_path / "m.parquet")
     assert json.loads(df.loc[0, "classes"]) == ["b", "a"]
     assert json.loads(df.loc[0, "mean"]) == [0.1, 0.2, 0.3]
+
+
+def test_weights_key_picks_the_state_dict_and_bad_keys_are_refused(tmp_path, model) -> None:
+    """timm's CheckpointSaver stores the EMA weights beside the model's as `state_dict_ema`."""
+    ema = build_model(ARCH, KWARGS, 10)
+    torch.save({"state_dict": model.state_dict(), "state_dict_ema": ema.state_dict(),
+                "optimizer": {"state": {}}}, tmp_path / "last.pth.tar")
+    x = torch.randn(1, 3, 32, 32)
+    row = _row(tmp_path / "last.pth.tar")
+    assert torch.allclose(load_checkpoint({**row, "weights_key": "state_dict_ema"})(x),
+                          ema.eval()(x))
+    assert torch.allclose(load_checkpoint({**row, "weights_key": None})(x), model(x))
+    with pytest.raises(CheckpointError, match=r"no state dict 'ema' in the file \(its state "
+                                              r"dicts: \['optimizer', 'state_dict'"):
+        load_checkpoint({**row, "weights_key": "ema"})
+    path = _save_safetensors(model, tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match="a .safetensors file holds one set of weights"):
+        load_checkpoint({**_row(path), "weights_key": "state_dict_ema"})
+    pd.DataFrame([{**row, "weights_key": "../etc passwd"}]).to_csv(tmp_path / "m.csv",
+                                                                   index=False)
+    with pytest.raises(DataError, match="weights_key must name a state dict"):
+        read_manifest(tmp_path / "m.csv")

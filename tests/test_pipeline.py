@@ -14,9 +14,10 @@ from _jobdata import write_checkpoints
 from mlflow.tracking import MlflowClient
 
 from circuitray.job_config import JobConfig, load_job_config
+from circuitray.report import format_report
 from circuitray.runtime.discover import run_discover
 from circuitray.runtime.layout import JobLayout
-from circuitray.runtime.pipeline import format_report, run_pipeline
+from circuitray.runtime.pipeline import run_pipeline
 from circuitray.runtime.plan import (
     domain_specs,
     domains_frame,
@@ -81,6 +82,9 @@ def test_corrupt_checkpoint_lands_in_failures_and_rerun_recomputes_nothing(
     exp = client.get_experiment_by_name("circuitray-tiny")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 4  # the job and its three checkpoints (the failed one included)
+    status = {r.data.tags.get("checkpoint"): r.info.status for r in runs}
+    assert status == {None: "FINISHED", "ckpt0": "FINISHED", "ckpt1": "FINISHED",
+                      "truncated": "FAILED"}  # the UI's status column shows the broken one
     failures = read_failures(JobLayout.of(cfg.output_dir))
     assert failures.to_dict("records")[0] | {"error": ""} == {
         "checkpoint": "truncated", "stage": "load", "error_type": "CheckpointError", "error": ""}

@@ -171,3 +171,53 @@ def test_interrupted_logging_ends_the_parent_killed_and_an_error_failed(tmp_path
         exp_id = client.get_experiment_by_name("exp").experiment_id
         parent = [r for r in client.search_runs([exp_id]) if r.info.run_name == status][0]
         assert parent.info.status == status
+
+
+def test_store_failures_become_errors_naming_the_store(tmp_path) -> None:
+    """A full disk under the sqlite store (seen by the fault benchmark as a raw SQLAlchemy
+    traceback with exit 1) is an OutputError naming the database; other store failures are
+    a TrackingError naming the store."""
+    import sqlite3
+
+    from mlflow.exceptions import MlflowException
+
+    from circuitray.errors import OutputError, TrackingError
+    from circuitray.tracking import store_errors
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(OutputError, match=rf"cannot write {tmp_path}/mlflow.db: disk full"):
+        with store_errors(uri):
+            try:
+                raise sqlite3.OperationalError("database or disk is full")
+            except sqlite3.OperationalError as exc:
+                raise MlflowException("could not create table") from exc
+    with pytest.raises(TrackingError, match=r"MLflow store http://x:5000: .*refused"):
+        with store_errors("http://x:5000"):
+            raise MlflowException("API request failed: connection refused")
+
+
+def test_a_new_sqlite_store_is_created_whole_or_not_at_all(tmp_path, monkeypatch) -> None:
+    """A full disk while MLflow builds its schema left a half-migrated mlflow.db that every
+    later run refused ("table _alembic_tmp_trace_tags already exists", bench/faults.py)."""
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    from circuitray.errors import OutputError
+    from circuitray.tracking import store_errors
+
+    db = tmp_path / "mlflow.db"
+    real = MlflowClient.search_experiments
+
+    def full_disk(self, *args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(MlflowClient, "search_experiments", full_disk)
+    with pytest.raises(OutputError, match="disk full"):
+        with store_errors(f"sqlite:///{db}"):
+            pass
+    assert list(tmp_path.iterdir()) == []  # no database, no temporary
+    monkeypatch.setattr(MlflowClient, "search_experiments", real)
+    with store_errors(f"sqlite:///{db}"):
+        assert MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    assert db.exists() and [p.name for p in tmp_path.iterdir()] == ["mlflow.db"]

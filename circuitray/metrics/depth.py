@@ -16,6 +16,7 @@ import scipy.sparse as sp
 
 from circuitray.errors import MetricError, TableError
 from circuitray.metrics.dense import KEYS, edge_blocks
+from circuitray.registry import lambda_columns, lambda_size
 from circuitray.tables import require_columns
 
 Target = Literal["out", "deep", "global"]
@@ -136,8 +137,8 @@ def depth_metrics(edges: pa.Table | pd.DataFrame, *, taus: tuple[float, ...] = (
             lam = np.full((len(out), n_depths, n_depths), np.nan)
             lam[:, :d, :d] = np.divide(sums, counts, out=np.zeros_like(sums),
                                        where=counts > 0)
-            names = [f"lam_{i}_{j}" for i in range(n_depths) for j in range(n_depths)]
-            out = pd.concat([out, pd.DataFrame(lam.reshape(len(out), -1), columns=names)],
+            out = pd.concat([out, pd.DataFrame(lam.reshape(len(out), -1),
+                                               columns=lambda_columns(n_depths))],
                             axis=1)
         frames.append(out)
     return pd.concat(frames, ignore_index=True).sort_values(list(KEYS), ignore_index=True)
@@ -145,10 +146,7 @@ def depth_metrics(edges: pa.Table | pd.DataFrame, *, taus: tuple[float, ...] = (
 
 def lambda_matrices(depth_table: pd.DataFrame) -> np.ndarray:
     """Λ back as [n_rows, D, D] from the lam_{i}_{j} columns of `depth_metrics`."""
-    cols = [c for c in depth_table.columns if c.startswith("lam_")]
-    if not cols:
+    d = lambda_size(list(depth_table.columns))
+    if not d:
         raise TableError("depth table: no lam_{i}_{j} columns (use with_lambda=True)")
-    d = int(round(len(cols) ** 0.5))
-    names = [f"lam_{i}_{j}" for i in range(d) for j in range(d)]
-    require_columns(depth_table, names, "depth table")
-    return depth_table[names].to_numpy(np.float64).reshape(-1, d, d)
+    return depth_table[lambda_columns(d)].to_numpy(np.float64).reshape(-1, d, d)

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from circuitray.errors import MetricError, TableError
+from circuitray.registry import lambda_columns, lambda_size
 from circuitray.tables import require_columns
 
 REGS = (0.01, 0.1, 0.3, 0.6, 0.9)
@@ -147,9 +148,9 @@ def task_motifs(depth_table: pd.DataFrame, accuracy: pd.DataFrame, *, target: st
     """One motif per task from `depth_metrics` rows (one circuit per checkpoint: filter the
     domain and method first) joined with `accuracy` (task, checkpoint, target)."""
     require_columns(accuracy, ["task", "checkpoint", target], "accuracy table")
-    lam_cols = [c for c in depth_table.columns if c.startswith("lam_")]
     require_columns(depth_table, ["task", "checkpoint"], "depth table")
-    if not lam_cols:
+    d = lambda_size(list(depth_table.columns))
+    if not d:
         raise TableError("depth table: no lam_{i}_{j} columns (use with_lambda=True)")
     dup = depth_table.duplicated(["task", "checkpoint"])
     if dup.any():
@@ -158,8 +159,7 @@ def task_motifs(depth_table: pd.DataFrame, accuracy: pd.DataFrame, *, target: st
                          "several circuits; keep one domain and method per checkpoint")
     joined = depth_table.merge(accuracy[["task", "checkpoint", target]],
                                on=["task", "checkpoint"], how="inner")
-    d = int(round(len(lam_cols) ** 0.5))
-    names = [f"lam_{i}_{j}" for i in range(d) for j in range(d)]
+    names = lambda_columns(d)
     out = {}
     for task, grp in joined.groupby("task", sort=True):
         lam = grp[names].to_numpy(np.float64).reshape(-1, d, d)

@@ -7,7 +7,6 @@ All variants are "higher = further moved" (similarities are reported as 1 − si
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import networkx as nx
@@ -18,6 +17,7 @@ import scipy.linalg
 import scipy.stats
 
 from circuitray.errors import MetricError, TableError
+from circuitray.graph import node_of
 from circuitray.metrics.dense import EdgeBlock, edge_blocks
 from circuitray.tables import require_columns
 
@@ -25,17 +25,11 @@ VECTOR_VARIANTS = ("srcc", "pearson", "cosine", "l2", "kendall")
 GRAPH_VARIANTS = ("netlsd", "jaccard", "jaccard_weighted", "laplacian")
 VARIANTS = VECTOR_VARIANTS + GRAPH_VARIANTS
 TIMESCALES = np.logspace(-2, 2, 250)
-_QKV = re.compile(r"<[qkv]>$")
 _CHUNK = 2**24  # elements per temporary [rows, edges] array
 
 
 def css_column(variant: str) -> str:
     return f"css_{variant}"
-
-
-def node_of(name: str) -> str:
-    """Graph node of a source or destination: a head's q/k/v inputs belong to the head."""
-    return _QKV.sub("", name)
 
 
 # ---- graphs ---------------------------------------------------------------------------------

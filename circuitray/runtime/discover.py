@@ -13,6 +13,7 @@ never stops the job. Ray's `max_retries` covers what cannot be caught: a dead wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -27,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from circuitray.errors import DataError
+from circuitray.errors import DataError, OutputError
 from circuitray.job_config import JobConfig
 from circuitray.runtime.files import FINGERPRINT_KEY, FileRecord
 from circuitray.runtime.layout import DOMAIN_SCHEMA, JobLayout
@@ -247,12 +248,15 @@ def discover_checkpoint(row: Mapping[str, Any], cfg: JobConfig,
         plan = plan_checkpoint(row, cfg, layout)
     if plan.complete:
         return {"checkpoint": cid, "status": "skipped", "seconds": 0.0, "computed": 0}
-    _sweep_temporaries(layout, str(row["task"]), cid)
     running = layout.running_file(cid)
-    running.parent.mkdir(parents=True, exist_ok=True)
-    running.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                   "started": time.time()}))
     try:
+        try:
+            _sweep_temporaries(layout, str(row["task"]), cid)
+            running.parent.mkdir(parents=True, exist_ok=True)
+            running.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                           "started": time.time()}))
+        except OSError as exc:  # a full or read-only disk: a failure row naming the path
+            raise _StageError("write", OutputError.from_os_error(running, exc)) from exc
         if plan.error is not None:  # found while planning: no model is loaded for it
             raise _StageError("data", DataError(str(plan.error_path), plan.error))
         try:
@@ -306,7 +310,8 @@ def discover_checkpoint(row: Mapping[str, Any], cfg: JobConfig,
                 "error": f"{err}\n{''.join(traceback.format_exception(err)[-3:])}".strip(),
                 "seconds": time.perf_counter() - start, "computed": 0}
     finally:
-        running.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # nothing to remove where it could not be written
+            running.unlink(missing_ok=True)
 
 
 def record_result(layout: JobLayout, result: Mapping[str, Any]) -> None:
@@ -317,6 +322,23 @@ def record_result(layout: JobLayout, result: Mapping[str, Any]) -> None:
             [{k: result[k] for k in FAILURE_SCHEMA.names}], schema=FAILURE_SCHEMA), path)
     else:
         path.unlink(missing_ok=True)
+
+
+def _stop_if_unwritable(refs: list[Any], result: Mapping[str, Any], layout: JobLayout) -> None:
+    """A checkpoint that could not write its tables (disk full, read-only) is not a bad
+    checkpoint, and every other one would fail the same way after loading its model: cancel
+    the rest and stop the job naming the path. Complete checkpoints keep their markers, so a
+    re-run after freeing space resumes."""
+    import ray
+
+    if result["status"] != "failed" or result.get("error_type") != "OutputError":
+        return
+    for ref in refs:  # finished tasks ignore this; running ones are interrupted
+        ray.cancel(ref)
+    first = str(result["error"]).splitlines()[0]
+    raise OutputError(layout.root, f"checkpoint '{result['checkpoint']}' could not write its "
+                                   f"tables ({first}); the job stopped there: fix that and "
+                                   "run again, complete checkpoints are kept")
 
 
 def _check_gpus(num_gpus: float, local: bool) -> None:
@@ -369,6 +391,7 @@ def run_discover(cfg: JobConfig, rows: Iterable[Mapping[str, Any]] | None = None
         cfg_ref = ray.put(cfg)
         refs = [task.remote(cp.row, cfg_ref, cp) for cp in todo]
         for _, result in iter_completed(refs, "discover"):
+            _stop_if_unwritable(refs, result, layout)
             record_result(layout, result)
             {"done": summary.done, "skipped": summary.skipped,
              "failed": summary.failed}[result["status"]].append(result["checkpoint"])

@@ -9,15 +9,17 @@ named and recomputed instead of read as if it were what the marker describes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from circuitray.errors import TableError
+from circuitray.errors import OutputError, StaleResultError
 
 _CHUNK = 1 << 20
 # Parquet key-value metadata of a domain file: the fingerprint of what produced it.
@@ -75,8 +77,27 @@ def read_verified(path: str | os.PathLike, checksum: str,
     try:
         data = path.read_bytes()
     except FileNotFoundError as exc:
-        raise TableError(f"{path}: missing (run discover to recompute it)") from exc
+        raise StaleResultError(f"{path}: missing (run discover to recompute it)") from exc
     if checksum_bytes(data) != checksum:
-        raise TableError(f"{path}: damaged: checksum differs from its checkpoint marker's "
-                         "(run discover to recompute it)")
+        # size and mtime matched (check_file passed), so only the bytes tell: discover's
+        # resume would trust the file, hence the explicit delete in the advice
+        raise StaleResultError(f"{path}: damaged: checksum differs from its checkpoint marker's "
+                               "(delete it and run discover to recompute it)")
     return pq.read_table(pa.BufferReader(data), columns=columns)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to a temporary sibling, then rename: a reader (or a re-run after a kill)
+    sees the old file or the new one, never half of one. Errors name the path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError.from_os_error(path, exc) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return path

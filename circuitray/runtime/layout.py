@@ -4,6 +4,7 @@
     <out>/outputs/<task>/<checkpoint>/<domain>.parquet   per-example outputs (OUTPUT_SCHEMA)
     <out>/checkpoints/<checkpoint>.parquet               completion marker: one row per domain
     <out>/failures/<checkpoint>.parquet                  why a checkpoint failed (FAILURE_SCHEMA)
+    <out>/failures/reduce/<checkpoint>.parquet           metrics reduce could not compute (NaN)
     <out>/running/<checkpoint>.json                      the worker (host, pid) on it right now
     <out>/cache/                                         image-validation results per listing
     <out>/classes/<task>.json                            the task's class names in label order
@@ -128,6 +129,12 @@ class JobLayout:
 
     def failure_file(self, checkpoint: str) -> Path:
         return self.failures / f"{safe_name(checkpoint)}.parquet"
+
+    def reduce_failure_file(self, checkpoint: str) -> Path:
+        """Why reduce could not compute some metrics of a checkpoint (FAILURE_SCHEMA, stage
+        "reduce"). A folder of its own: a discover success, which removes `failure_file`,
+        leaves it alone, and no checkpoint id can collide with it."""
+        return self.failures / "reduce" / f"{safe_name(checkpoint)}.parquet"
 
     def running_file(self, checkpoint: str) -> Path:
         return self.running / f"{safe_name(checkpoint)}.json"

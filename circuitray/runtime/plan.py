@@ -37,7 +37,7 @@ from circuitray.tables import FAILURE_SCHEMA, read_parquet_or_empty
 
 # Manifest columns that decide what a checkpoint computes (the rest are annotations).
 MODEL_COLUMNS = ("arch", "arch_kwargs", "num_classes", "classes", "mean", "std", "input_size",
-                 "interpolation", "crop_pct")
+                 "interpolation", "crop_pct", "weights_key")
 # data.* keys that choose WHICH domains run (each domain's own spec covers them), not how.
 _DOMAIN_SELECTION = {"root", "id_domain", "ood_domains", "shift_kinds", "shift_severities",
                      "proxy_kinds", "proxy_severities"}
@@ -156,6 +156,14 @@ def _config_value(value: Any) -> Any:
     return value
 
 
+def _sibling_config_file(weights: str) -> Path | None:
+    """The config.json that `models.read_checkpoint_preprocessing` reads beside local weights."""
+    if not weights or _is_uri(weights):
+        return None
+    path = Path(weights).parent / "config.json"
+    return path if path.is_file() else None
+
+
 def domain_inputs(row: Mapping[str, Any], spec: DomainSpec, cfg: JobConfig, *, weights: str,
                   listings: Mapping[str, str]) -> dict[str, Any]:
     """Everything one domain's edges and outputs depend on, as a flat dict of short values.
@@ -167,6 +175,9 @@ def domain_inputs(row: Mapping[str, Any], spec: DomainSpec, cfg: JobConfig, *, w
     id_domain = cfg.data.id_domain or row.get("id_domain")
     inputs: dict[str, Any] = {"format": FINGERPRINT_FORMAT, "circuitray": circuitray.__version__,
                               "weights": weights}
+    config = _sibling_config_file(str(row.get("weights") or ""))
+    if config is not None:  # a hub-layout config.json can set the checkpoint's mean/std
+        inputs["weights.config"] = f"file:{checksum_file(config)}"
     for col in MODEL_COLUMNS:
         if row.get(col) is not None:
             inputs[f"model.{col}"] = _clean(row[col])

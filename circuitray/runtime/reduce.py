@@ -13,8 +13,10 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Mapping, Sequence
+import traceback
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,31 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from circuitray import registry
 from circuitray.config import to_dict
-from circuitray.errors import CircuitrayError, MetricError, StaleResultError
+from circuitray.errors import (
+    CircuitrayError,
+    ConfigError,
+    MetricError,
+    OutputError,
+    StaleResultError,
+    os_error_is_permanent,
+)
+from circuitray.evaluation import NEAR_CHANCE
+from circuitray.isolation import RECOVERABLE, MetricFailure, attempt, reasons
 from circuitray.job_config import JobConfig, ReduceConfig
+from circuitray.registry import (
+    PLUGINS,
+    SOURCES,
+    MetricSpec,
+    families,
+    family_columns,
+    lambda_columns,
+    lambda_size,
+    metric_columns,
+)
+from circuitray.report import format_report
+from circuitray.runtime.files import write_text_atomic
 from circuitray.runtime.layout import JobLayout, safe_name
 from circuitray.runtime.plan import (
     JobPlan,
@@ -34,9 +58,10 @@ from circuitray.runtime.plan import (
     plan_job,
     read_failures,
 )
-from circuitray.tables import read_parquet, write_parquet_atomic
+from circuitray.tables import FAILURE_SCHEMA, read_parquet, write_parquet_atomic
 
 KEYS = ["task", "checkpoint", "domain"]
+REPORT_NAME = "report.txt"  # under evaluation/: the printed report of the last reduce
 _MANIFEST_SKIP = {"weights", "arch_kwargs", "data_root"}
 
 
@@ -55,8 +80,9 @@ class ReduceResult:
 
 def fingerprint(plan: JobPlan, cfg: JobConfig, failed: set[str]) -> str:
     """Hash of every input reduce reads: each planned domain's fingerprint and file checksums,
-    which checkpoints failed, the manifest (its annotations become columns), and the reduce
-    and tracking settings. Equal hashes mean equal tables."""
+    which checkpoints failed, the manifest (its annotations become columns), the reduce
+    and tracking settings, and the registered plug-in metrics. Equal hashes mean equal
+    tables."""
     import circuitray
     from circuitray.runtime.files import checksum_file
 
@@ -69,117 +95,401 @@ def fingerprint(plan: JobPlan, cfg: JobConfig, failed: set[str]) -> str:
                      f"{rec.get('outputs_checksum')};".encode())
     h.update(json.dumps({"reduce": to_dict(cfg.reduce), "tracking": to_dict(cfg.tracking),
                          "manifest": [cfg.manifest, checksum_file(cfg.manifest)],
+                         "plugins": [registry.describe(p) for p in registry.plugins()],
                          "circuitray": circuitray.__version__}, sort_keys=True).encode())
     return h.hexdigest()
 
 
-_PARTS = ("depth", "shift", "baselines", "detectors", "accuracy")
+_SORT_KEYS = ("task", "checkpoint", "domain", "method")
 
 
-def read_checkpoint_files(layout: JobLayout, task: str, cid: str,
-                          files: Sequence[tuple[str, str, str]], which: str) -> pa.Table:
-    """One checkpoint's planned `which` ("edges" | "outputs") files, each parsed from bytes
-    whose checksum matches its marker: other domains' files in the folder are never read."""
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """The files reduce reads for ONE checkpoint: per domain (ID first), its edges and its
+    outputs table. The only input of `checkpoint_metrics`, so where the paths come from (and
+    how they are verified) can change without touching any metric."""
+
+    task: str
+    checkpoint: str
+    id_domain: str
+    edges: Mapping[str, str]
+    outputs: Mapping[str, str]
+    checksums: Mapping[str, str] = field(default_factory=dict)  # path -> marker's checksum
+
+
+def checkpoint_files(layout: JobLayout, marker: pd.DataFrame) -> CheckpointFiles:
+    """The files of the checkpoint whose completion-marker rows (one per domain) are given."""
+    task, cid = str(marker["task"].iloc[0]), str(marker["checkpoint"].iloc[0])
+    ids = marker.loc[marker.role == "id", "domain"]
+    doms = [str(d) for d in marker["domain"]]
+    edges = {d: str(layout.edges_file(task, cid, d)) for d in doms}
+    outputs = {d: str(layout.outputs_file(task, cid, d)) for d in doms}
+    checksums = {}
+    for kind, paths in (("edges", edges), ("outputs", outputs)):
+        column = f"{kind}_checksum"
+        if column in marker:
+            checksums |= {paths[str(d)]: str(c) for d, c in zip(marker["domain"], marker[column],
+                                                                strict=True)}
+    return CheckpointFiles(task=task, checkpoint=cid,
+                           id_domain=str(ids.iloc[0]) if len(ids) else "",
+                           edges=edges, outputs=outputs, checksums=checksums)
+
+
+def _read_table(path: str, checksum: str) -> pa.Table:
+    """One input file (the single place reduce reads discover's tables), parsed from bytes
+    whose checksum matches its marker; a damaged or missing file raises StaleResultError,
+    which stops reduce (it names the file and says to run discover) instead of becoming NaN."""
     from circuitray.runtime.files import read_verified
 
-    path = layout.edges_file if which == "edges" else layout.outputs_file
-    index = 1 if which == "edges" else 2
-    return pa.concat_tables([read_verified(path(task, cid, f[0]), f[index]) for f in files],
-                            promote_options="default")
+    return read_verified(path, checksum)
 
 
-def checkpoint_metrics(root: str, task: str, cid: str, id_domain: str,
-                       files: Sequence[tuple[str, str, str]], r: ReduceConfig,
-                       threads: int = 1) -> dict[str, pd.DataFrame]:
-    """Depth metrics, CSS, baselines, detectors and accuracy of ONE checkpoint's files.
+def _keys_row(files: CheckpointFiles, domain: str, reason: str, columns: Sequence[str] = ()
+              ) -> dict[str, Any]:
+    return {"task": files.task, "checkpoint": files.checkpoint, "domain": domain,
+            **dict.fromkeys(columns, np.nan), "reason": reason}
 
-    `files` lists its planned domains as (domain, edges checksum, outputs checksum). Pure
-    (files in, frames out), so it runs inline or as a Ray task next to the data.
+
+def _with_rows_for(frame: pd.DataFrame | None, files: CheckpointFiles, domains: Sequence[str],
+                   why: Mapping[str, str], columns: Sequence[str] = ()) -> pd.DataFrame:
+    """`frame` plus a NaN row (keys, `columns`, reason) for each of `domains` it lacks."""
+    have = set(frame["domain"]) if frame is not None and len(frame) else set()
+    extra = pd.DataFrame([_keys_row(files, d, why.get(d, ""), columns)
+                          for d in domains if d not in have])
+    parts = [p for p in (frame, extra) if p is not None and len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+@dataclass
+class _Source:
+    """What the families of one source ("edges" or "outputs") see for ONE checkpoint: per
+    domain its table (None where unreadable, with the reason in `read_errors`), the config,
+    and the failures list every family appends to."""
+
+    files: CheckpointFiles
+    r: ReduceConfig
+    tables: dict[str, pa.Table | None]
+    read_errors: dict[str, str]
+    fails: list[MetricFailure]
+    _frame: pd.DataFrame | None = None
+    _pandas: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    def pandas(self, domain: str) -> pd.DataFrame | None:
+        """One domain's table as pandas (converted once)."""
+        table = self.tables.get(domain)
+        if table is None:
+            return None
+        if domain not in self._pandas:
+            self._pandas[domain] = table.to_pandas()
+        return self._pandas[domain]
+
+    def frame(self) -> pd.DataFrame | None:
+        """Every readable domain's rows in one frame (what baselines.py's functions take)."""
+        if self._frame is None:
+            parts = [self.pandas(d) for d in self.tables if self.tables[d] is not None]
+            self._frame = pd.concat(parts, ignore_index=True) if parts else None
+        return self._frame
+
+
+def _depth_part(src: _Source) -> pd.DataFrame:
+    """Λ and DDB of each domain's circuit, one domain at a time."""
+    from circuitray.metrics.depth import ddb_column, depth_metrics
+
+    files, r = src.files, src.r
+    ddb = [ddb_column(t, tau) for tau in r.taus for t in r.targets]
+    frames = []
+    for dom, table in src.tables.items():
+        local: list[MetricFailure] = []
+        res = None if table is None else attempt(
+            partial(depth_metrics, table, taus=tuple(r.taus), targets=tuple(r.targets)), local,
+            "depth", task=files.task, checkpoint=files.checkpoint, domain=dom)
+        if res is None:
+            frames.append(pd.DataFrame([_keys_row(
+                files, dom, reasons(local, dom, src.read_errors.get(dom, "")), ddb)]))
+        else:
+            notes = res["note"].fillna("").str.strip("; ")
+            res["reason"] = np.where(notes != "", "depth: " + notes, "")
+            frames.append(res)
+        src.fails.extend(local)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _shift_part(src: _Source) -> pd.DataFrame | None:
+    """CSS of each non-ID domain's circuit against the ID circuit, one pair at a time."""
+    from circuitray.metrics.shift import css_column, shift_scores
+
+    files, r = src.files, src.r
+    cols = [css_column(v) for v in r.css_variants]
+    ref = src.tables.get(files.id_domain)
+    no_ref = "" if ref is not None else (
+        f"css: needs the ID circuit on '{files.id_domain}': "
+        f"{src.read_errors.get(files.id_domain, 'not in the marker')}")
+    frames = []
+    for dom, table in src.tables.items():
+        if dom == files.id_domain:
+            continue
+        local: list[MetricFailure] = []
+        res = None
+        if table is not None and ref is not None:
+            res = attempt(lambda table=table: shift_scores(
+                pa.concat_tables([ref, table], promote_options="default"),
+                id_domain=files.id_domain, variants=list(r.css_variants), top_n=r.top_n),
+                local, "css", task=files.task, checkpoint=files.checkpoint, domain=dom)
+        if res is None:
+            frames.append(pd.DataFrame([_keys_row(
+                files, dom, reasons(local, dom, src.read_errors.get(dom, ""), no_ref), cols)]))
+        else:
+            frames.append(res.assign(reason=""))
+        src.fails.extend(local)
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def _outputs_part(name: str, fn: Any, src: _Source, domains: Sequence[str],
+                  columns: Sequence[str]) -> pd.DataFrame:
+    """`fn(table, failures)`, a baselines.py table function that isolates each domain and
+    metric itself, over the readable outputs; a table-level error makes the family NaN for
+    the whole checkpoint, and domains whose outputs were unreadable get NaN rows saying so."""
+    files, table = src.files, src.frame()
+    local: list[MetricFailure] = []
+    why = dict(src.read_errors)
+    res = None
+    if table is not None:
+        res = attempt(partial(fn, table, local), local, name, task=files.task,
+                      checkpoint=files.checkpoint, domain="(all)")
+        if res is None:
+            why = {d: why.get(d) or local[-1].reason for d in domains}
+    src.fails.extend(local)
+    return _with_rows_for(res, files, domains, why, columns)
+
+
+def _accuracy_part(src: _Source) -> pd.DataFrame:
+    from circuitray.baselines import domain_accuracy
+
+    return _outputs_part("accuracy", domain_accuracy, src, list(src.tables),
+                         family_columns("accuracy"))
+
+
+def _baselines_part(src: _Source) -> pd.DataFrame:
+    from circuitray.baselines import BASELINE_COLUMNS, pre_deployment_baselines
+
+    return _outputs_part("baselines", lambda t, f: pre_deployment_baselines(
+        t, id_domain=src.files.id_domain, failures=f), src, list(src.tables), BASELINE_COLUMNS)
+
+
+def _detectors_part(src: _Source) -> pd.DataFrame | None:
+    from circuitray.baselines import DETECTOR_COLUMNS, shift_detectors
+
+    others = [d for d in src.tables if d != src.files.id_domain]
+    if not others:
+        return None
+    return _outputs_part("detectors", lambda t, f: shift_detectors(
+        t, id_domain=src.files.id_domain, seed=src.r.seed, failures=f),
+        src, others, DETECTOR_COLUMNS).astype({"bbsd_shift": "boolean", "mmd_shift": "boolean"})
+
+
+# The code of each built-in family the registry declares (registry.families()).
+_FAMILIES: dict[str, Callable[[_Source], pd.DataFrame | None]] = {
+    "accuracy": _accuracy_part, "depth": _depth_part, "shift": _shift_part,
+    "baselines": _baselines_part, "detectors": _detectors_part}
+
+
+def _plugin_value(spec: MetricSpec, table: pd.DataFrame, ref: pd.DataFrame) -> float:
+    """`spec.compute` on one domain, checked to be one number."""
+    assert spec.compute is not None
+    value = np.asarray(spec.compute(table, ref, **spec.params), dtype=np.float64)
+    if value.shape != ():
+        raise MetricError(f"{spec.name}: compute returned an array of shape {value.shape}, "
+                          "expected one number")
+    return float(value)
+
+
+def _plugins_part(src: _Source, specs: Sequence[MetricSpec]) -> pd.DataFrame:
+    """Every plug-in metric of this source on every domain: `compute(domain table, ID
+    table, **params)`, each value isolated (NaN and a reason when it fails)."""
+    files = src.files
+    ref = src.pandas(files.id_domain)
+    no_ref = "" if ref is not None else (
+        f"plug-in metrics need the ID domain '{files.id_domain}': "
+        f"{src.read_errors.get(files.id_domain, 'not in the marker')}")
+    rows = []
+    for dom in src.tables:
+        local: list[MetricFailure] = []
+        row = _keys_row(files, dom, "", [s.name for s in specs])
+        table = src.pandas(dom)
+        if table is not None and ref is not None:
+            for spec in specs:
+                value = attempt(partial(_plugin_value, spec, table, ref), local, spec.name,
+                                task=files.task, checkpoint=files.checkpoint, domain=dom)
+                row[spec.name] = np.nan if value is None else value
+        row["reason"] = reasons(local, dom, src.read_errors.get(dom, ""),
+                                no_ref if table is not None else "")
+        rows.append(row)
+        src.fails.extend(local)
+    return pd.DataFrame(rows)
+
+
+def _merge_parts(a: pd.DataFrame | None, b: pd.DataFrame) -> pd.DataFrame:
+    """Two frames of the same family (plug-ins of both sources), one row per domain."""
+    if a is None:
+        return b
+    both = a.merge(b, on=KEYS, how="outer", suffixes=("", "_2"))
+    both["reason"] = _join_reasons(both[["reason", "reason_2"]])
+    return both.drop(columns="reason_2")
+
+
+def checkpoint_metrics(files: CheckpointFiles, r: ReduceConfig, threads: int = 1,
+                       plugins: Sequence[MetricSpec] | None = None) -> dict[str, pd.DataFrame]:
+    """Every registered metric family of ONE checkpoint's files: the built-in families
+    (registry.families(): accuracy, depth, CSS, baselines, detectors), then the plug-in
+    metrics (`plugins`, by default registry.plugins(); passed explicitly to a Ray task,
+    whose process has only the built-ins registered) as the "plugins" frame.
+
+    Pure (files in, frames out), so it runs inline or as a Ray task next to the data. It does
+    not raise for its data: every family is computed per domain (CSS and detectors against
+    the ID domain); what cannot be computed is NaN with a `reason`, and comes back as rows of
+    the "failures" frame (FAILURE_SCHEMA, stage "reduce"), so a Ray task never fails for it.
+    Edges are read first and released before the outputs are read: one table kind at a time.
     """
     from threadpoolctl import threadpool_limits
 
-    from circuitray.baselines import domain_accuracy, pre_deployment_baselines, shift_detectors
-    from circuitray.metrics.depth import depth_metrics
-    from circuitray.metrics.shift import shift_scores
-
-    layout = JobLayout.of(root)
+    plugins = registry.plugins() if plugins is None else tuple(plugins)
+    fails: list[MetricFailure] = []
     out: dict[str, pd.DataFrame] = {}
-    with threadpool_limits(threads):
-        n_domains = len(files)
-        edges = read_checkpoint_files(layout, task, cid, files, "edges")
-        out["depth"] = depth_metrics(edges, taus=tuple(r.taus), targets=tuple(r.targets))
-        if n_domains > 1:
-            out["shift"] = shift_scores(edges, id_domain=id_domain,
-                                        variants=list(r.css_variants), top_n=r.top_n)
-        outputs = read_checkpoint_files(layout, task, cid, files, "outputs").to_pandas()
-        out["accuracy"] = domain_accuracy(outputs)
-        out["baselines"] = pre_deployment_baselines(outputs, id_domain=id_domain)
-        if n_domains > 1:
-            out["detectors"] = shift_detectors(outputs, id_domain=id_domain, seed=r.seed)
+    where = {"task": files.task, "checkpoint": files.checkpoint}
+    try:
+        with threadpool_limits(threads):
+            for source in SOURCES:
+                paths = files.edges if source == "edges" else files.outputs
+                src = _Source(files, r, {}, {}, fails)
+                for dom, path in paths.items():
+                    src.tables[dom] = attempt(partial(_read_table, path, files.checksums[path]),
+                                              fails, f"read {source}", domain=dom, **where)
+                    if src.tables[dom] is None:
+                        src.read_errors[dom] = fails[-1].reason
+                for name in families(source):
+                    res = _FAMILIES[name](src)
+                    if res is not None:
+                        out[name] = res
+                mine = [p for p in plugins if p.source == source]
+                if mine:
+                    out[PLUGINS] = _merge_parts(out.get(PLUGINS), _plugins_part(src, mine))
+                del src  # this source's tables go before the next source is read
+    except StaleResultError:
+        raise
+    except Exception as exc:  # a bug must not cost the other checkpoints: record, go on
+        fails.append(MetricFailure("reduce (internal error)", files.task, files.checkpoint, "(all)",
+                                   type(exc).__name__,
+                                   f"{exc}\n{''.join(traceback.format_exception(exc)[-3:])}"))
+        out = {k: v for k, v in out.items() if k in _parts()}
+    out = {k: _sorted(v) for k, v in out.items()}
+    out["failures"] = pd.DataFrame(
+        [{"checkpoint": f.checkpoint, "stage": "reduce", "error_type": f.error_type,
+          "error": f.describe()} for f in fails], columns=FAILURE_SCHEMA.names)
     return out
+
+
+def _parts() -> tuple[str, ...]:
+    """The metrics/ tables reduce writes per family, in registry order, plug-ins last."""
+    return (*families(), PLUGINS)
+
+
+def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows in key order (task, checkpoint, domain[, method]): never in completion order."""
+    keys = [k for k in _SORT_KEYS if k in frame.columns]
+    return frame.sort_values(keys, kind="stable", ignore_index=True) if keys else frame
 
 
 def _per_checkpoint(layout: JobLayout, domains: pd.DataFrame, cfg: JobConfig
                     ) -> dict[str, pd.DataFrame]:
     """`checkpoint_metrics` for every complete checkpoint: as Ray tasks when a Ray is up
-    (the pipeline's, or a cluster's), else inline; memory stays one checkpoint per worker."""
+    (the pipeline's, or a cluster's), else inline; memory stays one checkpoint per worker.
+    Results are assembled in (task, checkpoint) order, so tables never depend on which
+    task finished first; "failures" holds every checkpoint's reduce failures."""
     import ray
 
-    args = []
-    for (task, cid), doms in domains.groupby(["task", "checkpoint"], sort=True):
-        id_domain = doms.loc[doms.role == "id", "domain"].iloc[0]
-        files = list(doms[["domain", "edges_checksum", "outputs_checksum"]]
-                     .itertuples(index=False, name=None))
-        args.append((str(layout.root), task, cid, id_domain, files, cfg.reduce))
-    results: list[dict[str, pd.DataFrame]] = []
+    args = [checkpoint_files(layout, doms)
+            for _, doms in domains.groupby(["task", "checkpoint"], sort=True)]
+    results: list[dict[str, pd.DataFrame]] = [{} for _ in args]
+    plugins = registry.plugins()  # a Ray worker's registry holds only the built-ins
     if ray.is_initialized() and len(args) > 1:
         from circuitray.runtime.ray_utils import iter_completed
 
         task_fn = ray.remote(num_cpus=1, max_retries=cfg.resources.max_retries)(
             checkpoint_metrics)
-        refs = [task_fn.remote(*a) for a in args]
-        results = [res for _, res in iter_completed(refs, "reduce metrics")]
+        refs = [task_fn.remote(a, cfg.reduce, 1, plugins) for a in args]
+        for i, res in iter_completed(refs, "reduce metrics"):
+            results[i] = res
     else:
         start = time.monotonic()
-        for i, a in enumerate(args, 1):
-            results.append(checkpoint_metrics(*a))
-            if i % 25 == 0 or i == len(args):
-                print(f"[reduce] metrics {i}/{len(args)} checkpoints, "
+        for i, a in enumerate(args):
+            results[i] = checkpoint_metrics(a, cfg.reduce, plugins=plugins)
+            if (i + 1) % 25 == 0 or i + 1 == len(args):
+                print(f"[reduce] metrics {i + 1}/{len(args)} checkpoints, "
                       f"{time.monotonic() - start:.0f}s", file=sys.stderr, flush=True)
-    return {k: pd.concat([res[k] for res in results if k in res], ignore_index=True)
-            if any(k in res for res in results) else pd.DataFrame() for k in _PARTS}
-
-
-def _numeric_metrics(frame: pd.DataFrame, exclude: set[str]) -> list[str]:
-    """Columns evaluation knows a direction for (unknown columns are left out, not guessed)."""
-    from circuitray.evaluation import direction
-
-    out = []
-    for col in frame.columns:
-        if (col in exclude or col.endswith(("_lo", "_hi"))
-                or not pd.api.types.is_numeric_dtype(frame[col])
-                or pd.api.types.is_bool_dtype(frame[col])):
-            continue
-        try:
-            direction(col)
-        except MetricError:
-            continue
-        out.append(col)
+    out = {}
+    for k in (*_parts(), "failures"):
+        parts = [res[k] for res in results if k in res and not res[k].empty]
+        out[k] = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    out = {k: v if k == "failures" else _sorted(v) for k, v in out.items()}
+    if out["failures"].empty:
+        out["failures"] = pd.DataFrame(columns=FAILURE_SCHEMA.names)
     return out
 
 
+def write_reduce_failures(layout: JobLayout, failures: pd.DataFrame) -> None:
+    """failures/reduce/<checkpoint>.parquet per checkpoint with a failure in this run; files
+    left by earlier runs are removed, so a checkpoint that now reduces cleanly has none."""
+    keep = set()
+    for cid, rows in failures.groupby("checkpoint", sort=True):
+        keep.add(write_parquet_atomic(rows.reset_index(drop=True),
+                                      layout.reduce_failure_file(str(cid)), FAILURE_SCHEMA))
+        first = rows["error"].iloc[0].splitlines()[0]
+        print(f"[reduce] {cid}: {len(rows)} metric failure(s), NaN in metrics/ with a reason; "
+              f"first: {first}", file=sys.stderr, flush=True)
+    folder = layout.reduce_failure_file("-").parent
+    for old in folder.glob("*.parquet") if folder.is_dir() else []:
+        if old not in keep:
+            old.unlink()
+
+
+def _join_reasons(columns: pd.DataFrame) -> pd.Series:
+    """Row-wise "; "-join of reason columns, each fragment once (a read error shows in every
+    family that needed the file)."""
+    def join(values: Sequence[Any]) -> str:
+        parts = [p for v in values if isinstance(v, str) and v for p in v.split("; ") if p]
+        return "; ".join(dict.fromkeys(parts))
+
+    if columns.shape[1] == 0:
+        return pd.Series("", index=columns.index, dtype=object)
+    return pd.Series([join(row) for row in columns.itertuples(index=False)],
+                     index=columns.index, dtype=object)
+
+
 def domain_frame(domains: pd.DataFrame, per: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """One row per (task, checkpoint, domain): role, accuracy, DDB/Λ, CSS and baselines."""
+    """One row per (task, checkpoint, domain): role, accuracy, DDB/Λ, CSS, baselines,
+    detectors and plug-in metrics (families in registry order), and `reason`: why any of its
+    values is NaN (every family's reasons, joined).
+
+    Every column a family adds must be registered (registry.spec_for): an unknown one is a
+    MetricError naming it, never a column that evaluation silently leaves out."""
     frame = domains[KEYS + ["role", "kind", "severity", "n_examples"]].copy()
-    for name in ("accuracy", "depth", "shift", "baselines", "detectors"):
+    reason_cols = []
+    for name in _parts():
         part = per.get(name)
         if part is None or part.empty:
             continue
         part = part.drop(columns=[c for c in ("method", "note", "n_blocks") if c in part])
+        if "reason" in part:
+            part = part.rename(columns={"reason": f"_reason_{name}"})
+            reason_cols.append(f"_reason_{name}")
         part = part.drop(columns=[c for c in part.columns
                                   if c in frame.columns and c not in KEYS])
+        registry.check_columns([c for c in part.columns
+                                if c not in KEYS and not c.startswith("_reason_")],
+                               f"metric family '{name}'")
         frame = frame.merge(part, on=KEYS, how="left")
-    return frame
+    frame["reason"] = _join_reasons(frame[reason_cols])
+    return _sorted(frame.drop(columns=reason_cols))
 
 
 def _hyper(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -195,86 +505,149 @@ def group_labels(rows: pd.DataFrame) -> pd.Series:
     return rows["task"].where(~several, rows["task"] + ":" + rows["domain"])
 
 
+
+
 def _model_frame(frame: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
-    """Pre-deployment rows: one per final checkpoint × OOD domain, with id_acc and ood_acc.
+    """Pre-deployment rows: one per final checkpoint × OOD domain, with id_acc and ood_acc,
+    `near_chance` (labelled ID accuracy within NEAR_CHANCE of 1/num_classes, or below it) and
+    `reason` (the OOD row's, plus the ID row's when id_acc is NaN).
 
     Several OOD domains become separate evaluation groups: `domain` is the OOD domain and
     `eval_group` the group's label (`group_labels`); `task` is never rewritten.
     """
-    ids = frame[frame.role == "id"][["task", "checkpoint", "accuracy"]].rename(
-        columns={"accuracy": "id_acc"})
+    ids = frame[frame.role == "id"][["task", "checkpoint", "accuracy", "reason"]].rename(
+        columns={"accuracy": "id_acc", "reason": "_id_reason"})
     ood = frame[frame.role == "ood"].rename(columns={"accuracy": "ood_acc"})
     ood = ood.drop(columns=[c for c in ("id_acc",) if c in ood]).merge(
         ids, on=["task", "checkpoint"], how="left")
+    id_why = np.where(ood["id_acc"].isna() & (ood["_id_reason"].fillna("") != ""),
+                      "id_acc: " + ood["_id_reason"].fillna(""), "")
+    ood["reason"] = _join_reasons(pd.DataFrame({"ood": ood["reason"], "id": id_why}))
+    ood = ood.drop(columns="_id_reason")
     ood["eval_group"] = group_labels(ood)
     hyper = _hyper(manifest).drop(columns=["task"], errors="ignore")
     hyper = hyper.drop(columns=[c for c in hyper.columns if c in ood and c != "checkpoint"])
-    return ood.merge(hyper, on="checkpoint", how="left")
+    models = ood.merge(hyper, on="checkpoint", how="left")
+    classes = pd.to_numeric(models["num_classes"], errors="coerce") if "num_classes" in models \
+        else pd.Series(np.nan, index=models.index)
+    models["near_chance"] = ((models["id_acc"] - 1.0 / classes) < NEAR_CHANCE).fillna(
+        False).astype(bool)
+    return _sorted(models)
+
+
+def _note(notes: list[str], message: str) -> None:
+    notes.append(message)
+    print(f"[reduce] {message}", file=sys.stderr, flush=True)
 
 
 def _safe(fn: Any, notes: list[str], what: str) -> Any:
+    """`fn()`, or None with a note when the data do not allow it; an output that cannot be
+    written (disk full, read-only) is not a data problem and stops the job naming the path."""
     try:
         return fn()
-    except (CircuitrayError, ValueError, np.linalg.LinAlgError) as exc:
-        notes.append(f"{what}: {exc}")
-        print(f"[reduce] {what} skipped: {exc}", file=sys.stderr, flush=True)
+    except OSError as exc:
+        if os_error_is_permanent(exc):
+            raise OutputError.from_os_error(exc.filename or what, exc) from exc
+        _note(notes, f"{what} skipped: {exc}")
         return None
+    except RECOVERABLE as exc:
+        _note(notes, f"{what} skipped: {exc}")
+        return None
+
+
+def _by_task(fn: Any, frame: pd.DataFrame, notes: list[str], what: str) -> Any:
+    """`fn(frame)`; if it fails, find the tasks it fails on, note them and run it on the
+    rest: one task's impossibility never costs the other tasks their evaluation."""
+    try:
+        return fn(frame)
+    except RECOVERABLE as exc:
+        bad = []
+        for task, part in frame.groupby("task", sort=True):
+            try:
+                fn(part)
+            except RECOVERABLE as err:
+                bad.append(task)
+                _note(notes, f"{what}, task {task} skipped: {err}")
+        rest = frame[~frame.task.isin(bad)]
+        if not bad:
+            _note(notes, f"{what} skipped: {exc}")
+        if not bad or rest.empty:
+            return None
+        return _safe(lambda: fn(rest), notes, what)
 
 
 def evaluate_all(frame: pd.DataFrame, models: pd.DataFrame, cfg: JobConfig,
                  notes: list[str]) -> dict[str, pd.DataFrame]:
-    """The paper's protocol (DESIGN §5) over the domain and model frames."""
+    """The paper's protocol (DESIGN §5) over the domain and model frames.
+
+    Pre-deployment runs per task on the tasks with at least MIN_CHECKPOINTS usable
+    checkpoints; the others are noted (and listed in the "skipped" table). A step that fails
+    for one task is rerun without it, so the other tasks keep their evaluation.
+    """
     from circuitray import evaluation as ev
 
     r = cfg.reduce
     kw = {"n_boot": r.n_boot, "seed": r.seed}
-    keys = set(KEYS) | {"role", "kind", "severity", "n_examples", "accuracy", "ood_acc",
-                        "epoch", "final", "rho", "lr", "epochs", "seed"}
-    # shift detectors compare a deployment domain with ID data: post-deployment only
-    pre_metrics = [m for m in _numeric_metrics(models, keys)
-                   if not m.startswith(("lam_", "css_", "bbsd_", "mmd"))]
+    # which stage evaluates which metric is the registry's (e.g. CSS and shift detectors
+    # compare a deployment domain with ID data: post-deployment only)
+    pre_metrics = metric_columns(models.columns, stage="pre")
     out: dict[str, pd.DataFrame] = {}
-    if not models.empty:
+    if not models.empty and pre_metrics:
+        usable = ev.usable_checkpoints(models, metrics=pre_metrics, target="ood_acc")
+        skipped = usable[~usable.evaluate]
+        for note in skipped.note:
+            _note(notes, note)
+        if len(skipped):
+            out["skipped"] = skipped.assign(stage="pre_deployment", n_needed=ev.MIN_CHECKPOINTS)[
+                ["stage", "task", "n_usable", "n_needed", "note"]].reset_index(drop=True)
+        ok = models[models.task.isin(usable.task[usable.evaluate])]
         # several OOD domains: groups per (task, domain), and "all" still averages tasks
-        by = ("task", "domain") if models.groupby("task")["domain"].nunique().gt(1).any() \
+        by = ("task", "domain") if ok.groupby("task")["domain"].nunique().gt(1).any() \
             else ("task",)
-        pre = _safe(lambda: ev.pre_deployment(models, metrics=pre_metrics, target="ood_acc",
-                                              by=by, **kw), notes, "pre-deployment evaluation")
-        if pre is not None:
-            out["pre_deployment"] = pre
-        if r.group_column and r.group_column in models:
-            wg = _safe(lambda: ev.within_group(models, metrics=pre_metrics, target="ood_acc",
-                                               group_col=r.group_column, by=by, **kw),
-                       notes, "within-group evaluation")
-            if wg is not None:
-                out["within_group"] = wg
-        circuit = [m for m in pre_metrics if ev.is_circuit_metric(m)]
-        base = [m for m in pre_metrics if not ev.is_circuit_metric(m)]
-        if circuit and base:
-            pc = _safe(lambda: ev.partial_correlations(models, circuit_metrics=circuit,
-                                                       baselines=base, target="ood_acc", by=by,
-                                                       **kw),
-                       notes, "partial correlations")
-            if pc is not None:
-                out["partial"] = pc
+        if not ok.empty:
+            pre = _by_task(lambda f: ev.pre_deployment(f, metrics=pre_metrics,
+                                                       target="ood_acc", by=by, **kw),
+                           ok, notes, "pre-deployment evaluation")
+            if pre is not None:
+                out["pre_deployment"] = pre
+            if r.group_column and r.group_column in ok:
+                wg = _by_task(lambda f: ev.within_group(f, metrics=pre_metrics,
+                                                        target="ood_acc",
+                                                        group_col=r.group_column, by=by,
+                                                        **kw),
+                              ok, notes, "within-group evaluation")
+                if wg is not None:
+                    out["within_group"] = wg
+            circuit = metric_columns(pre_metrics, kind="circuit")
+            base = [m for m in pre_metrics if m not in circuit]
+            if circuit and base:
+                pc = _by_task(lambda f: ev.partial_correlations(
+                    f, circuit_metrics=circuit, baselines=base, target="ood_acc", by=by, **kw),
+                    ok, notes, "partial correlations")
+                if pc is not None:
+                    out["partial"] = pc
     shift = frame[frame.role == "shift"]
     proxy = frame[frame.role == "proxy"]
-    post_metrics = [m for m in _numeric_metrics(shift, keys | {"id_acc"})
-                    if not m.startswith(("lam_", "ddb_"))]
+    post_metrics = metric_columns(shift.columns, stage="post")
+    alarm_metrics = metric_columns(shift.columns, stage="alarm")
     if not shift.empty and post_metrics:
-        post = _safe(lambda: ev.post_deployment(shift, metrics=post_metrics, target="accuracy",
-                                                **kw), notes, "post-deployment evaluation")
+        post = _by_task(lambda f: ev.post_deployment(f, metrics=post_metrics,
+                                                     target="accuracy", **kw),
+                        shift, notes, "post-deployment evaluation")
         if post is not None:
             out["post_deployment"] = post
-        if not proxy.empty:
-            alarm = _safe(lambda: ev.silent_failure_alarm(shift, proxy, metrics=post_metrics,
-                                                          deltas=list(r.deltas)),
-                          notes, "silent-failure alarm")
+        if not proxy.empty and alarm_metrics:
+            alarm = _by_task(lambda f: ev.silent_failure_alarm(
+                f, proxy[proxy.task.isin(f.task)], metrics=alarm_metrics, deltas=list(r.deltas)),
+                shift, notes, "silent-failure alarm")
             if alarm is not None:
                 out["alarm"] = alarm
-    if out:
-        out["results"] = ev.result_table(out.get("pre_deployment"), out.get("post_deployment"),
-                                         out.get("alarm"))
+    if {"pre_deployment", "post_deployment", "alarm"} & out.keys():
+        res = _safe(lambda: ev.result_table(out.get("pre_deployment"),
+                                            out.get("post_deployment"), out.get("alarm")),
+                    notes, "result table")
+        if res is not None:
+            out["results"] = res
     return out
 
 
@@ -285,11 +658,10 @@ def motifs(models: pd.DataFrame, notes: list[str]) -> dict[str, Any]:
     """
     from circuitray.metrics.motifs import cca_motif, universal_motif
 
-    lam_cols = [c for c in models.columns if c.startswith("lam_")]
-    if models.empty or not lam_cols:
+    d = lambda_size(list(models.columns))
+    if models.empty or not d:
         return {}
-    d = int(round(len(lam_cols) ** 0.5))
-    names = [f"lam_{i}_{j}" for i in range(d) for j in range(d)]
+    names = lambda_columns(d)
     found, rows, weights = {}, [], []
     label = "eval_group" if "eval_group" in models else "task"
     for task, grp in models.groupby(label, sort=True):
@@ -318,7 +690,9 @@ def motifs(models: pd.DataFrame, notes: list[str]) -> dict[str, Any]:
 def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
             evals: Mapping[str, pd.DataFrame], cfg: JobConfig, manifest: pd.DataFrame,
             motif: Mapping[str, Any], notes: list[str]) -> list[Path]:
-    """Every figure DESIGN §6 asks for that the data at hand supports.
+    """Every figure DESIGN §6 asks for that the data at hand supports; one that cannot be
+    drawn (e.g. no proxy domain with a finite metric to calibrate the alarm) is noted and
+    the others are still drawn.
 
     `frame` holds all domains of final checkpoints and ID/OOD rows of intermediate ones;
     `models` one row per final checkpoint (× OOD domain). Per-group figures are named by
@@ -328,43 +702,49 @@ def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
 
     fig_dir = layout.figures
     paths: list[Path] = []
+
+    def draw(what: str, fn: Any) -> None:
+        path = _safe(fn, notes, f"figure {what}")
+        if path is not None:
+            paths.append(path)
+
     tau = 0.3 if 0.3 in cfg.reduce.taus else cfg.reduce.taus[0]  # the paper's τ if computed
     ddb = f"ddb_out_{tau:g}"
     final = models
     results = evals.get("results")
     best = []
     if results is not None and "kind" in results:  # sorted by pre-deployment composite
-        best = [m for m in results[results.kind == "baseline"].metric if m in final][:3]
+        best = [m for m in results[results.kind == "output"].metric if m in final][:3]
     final = final.assign(eval_group=group_labels(final)) if not final.empty else final
     for task, part in (final.groupby("eval_group") if ddb in final else []):
         # tasks are never pooled: the sign of DDB depends on where the spurious cue lives
-        paths.append(plots.scatter_panels(part, [ddb, *best], "ood_acc",
-                                          fig_dir / f"ood_vs_ddb_{safe_name(task)}.png",
-                                          title=f"{task}: OOD accuracy vs DDB_out (τ={tau:g}) "
-                                                "and the best output-based baselines"))
-    lam_cols = [c for c in models.columns if c.startswith("lam_")]
-    if lam_cols and not final.empty:
-        d = int(round(len(lam_cols) ** 0.5))
-        names = [f"lam_{i}_{j}" for i in range(d) for j in range(d)]
+        draw(f"ood_vs_ddb_{task}", lambda part=part, task=task: plots.scatter_panels(
+            part, [ddb, *best], "ood_acc", fig_dir / f"ood_vs_ddb_{safe_name(task)}.png",
+            title=f"{task}: OOD accuracy vs DDB_out (τ={tau:g}) "
+                  "and the best output-based baselines"))
+    d = lambda_size(list(models.columns))
+    if d and not final.empty:
+        names = lambda_columns(d)
         for task, part in final.groupby("eval_group"):
-            mean = np.nanmean(part[names].to_numpy(float), axis=0).reshape(d, d)
-            paths.append(plots.heatmap(mean, fig_dir / f"lambda_{safe_name(task)}.png",
-                                       title=f"mean Λ on OOD data, {task}"))
+            draw(f"lambda_{task}", lambda part=part, task=task: plots.heatmap(
+                np.nanmean(part[names].to_numpy(float), axis=0).reshape(d, d),
+                fig_dir / f"lambda_{safe_name(task)}.png", title=f"mean Λ on OOD data, {task}"))
     for name, mat in (motif.get("task_motifs") or {}).items():
-        paths.append(plots.heatmap(np.asarray(mat), fig_dir / f"motif_{safe_name(name)}.png",
-                                   title=f"CCA motif, {name}", diverging=True))
+        draw(f"motif_{name}", lambda name=name, mat=mat: plots.heatmap(
+            np.asarray(mat), fig_dir / f"motif_{safe_name(name)}.png",
+            title=f"CCA motif, {name}", diverging=True))
     if motif.get("universal") is not None:
-        paths.append(plots.heatmap(np.asarray(motif["universal"]),
-                                   fig_dir / "motif_universal.png",
-                                   title="universal motif", diverging=True))
+        draw("motif_universal", lambda: plots.heatmap(
+            np.asarray(motif["universal"]), fig_dir / "motif_universal.png",
+            title="universal motif", diverging=True))
     shift = frame[frame.role == "shift"]
-    css = [c for c in shift.columns if c.startswith("css_")]
+    css = metric_columns(shift.columns, stage="post", kind="circuit")
     if not shift.empty and css:
-        paths.append(plots.scatter_panels(shift, css, "accuracy", fig_dir / "css_vs_acc.png",
-                                          hue="checkpoint", y_label="domain accuracy",
-                                          title="post-deployment: CSS vs domain accuracy "
-                                                "(statistics pooled over models; per-model "
-                                                "ones in evaluation/post_deployment)"))
+        draw("css_vs_acc", lambda: plots.scatter_panels(
+            shift, css, "accuracy", fig_dir / "css_vs_acc.png", hue="checkpoint",
+            y_label="domain accuracy",
+            title="post-deployment: CSS vs domain accuracy (statistics pooled over models; "
+                  "per-model ones in evaluation/post_deployment)"))
         proxy = frame[frame.role == "proxy"]
         metric = "css_srcc" if "css_srcc" in css else css[0]
         if not proxy.empty:
@@ -373,10 +753,10 @@ def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
             first = shift.checkpoint.iloc[0]
             p = proxy[proxy.checkpoint == first]
             delta = cfg.reduce.deltas[len(cfg.reduce.deltas) // 2]
-            thr = calibrate_threshold(p[metric], p["accuracy"], delta)
-            paths.append(plots.alarm_plot(p, shift[shift.checkpoint == first], metric,
-                                          fig_dir / "alarm.png", delta=delta, threshold=thr,
-                                          title=f"alarm on {metric}, {first}"))
+            draw("alarm", lambda: plots.alarm_plot(
+                p, shift[shift.checkpoint == first], metric, fig_dir / "alarm.png",
+                delta=delta, threshold=calibrate_threshold(p[metric], p["accuracy"], delta),
+                title=f"alarm on {metric}, {first}"))
     inter = frame[(frame.role == "ood")].merge(
         _hyper(manifest)[[c for c in ("checkpoint", "epoch", "parent_id")
                           if c in _hyper(manifest)]], on="checkpoint", how="left")
@@ -384,15 +764,15 @@ def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
             inter.groupby("parent_id").size().gt(1).any():
         inter = inter.assign(eval_group=group_labels(inter))
         for task, part in inter.dropna(subset=["epoch"]).groupby("eval_group"):
-            paths.append(plots.trajectories(
+            draw(f"ddb_over_training_{task}", lambda part=part, task=task: plots.trajectories(
                 part, "epoch", ddb, "parent_id",
                 fig_dir / f"ddb_over_training_{safe_name(task)}.png",
                 title=f"{task}: DDB_out (τ={tau:g}) on OOD data over training, one line per run"))
     if not final.empty:
         task, cid, dom = final.iloc[0][["task", "checkpoint", "domain"]]
-        edges = read_parquet(layout.edges_file(task, cid, dom)).to_pandas()
-        paths.append(plots.circuit_drawing(edges, fig_dir / "circuit.png", top_n=40,
-                                           title=f"circuit of {cid} on {dom} (top 40 edges)"))
+        draw("circuit", lambda: plots.circuit_drawing(
+            read_parquet(layout.edges_file(task, cid, dom)).to_pandas(),
+            fig_dir / "circuit.png", top_n=40, title=f"circuit of {cid} on {dom} (top 40 edges)"))
     return paths
 
 
@@ -411,8 +791,11 @@ def _headline(evals: Mapping[str, pd.DataFrame]) -> dict[str, float]:
 
 def _log_mlflow(cfg: JobConfig, layout: JobLayout, manifest: pd.DataFrame, frame: pd.DataFrame,
                 models: pd.DataFrame, evals: Mapping[str, pd.DataFrame], result: ReduceResult,
-                summary: Mapping[str, Any], markers: pd.DataFrame, finals: set[str]) -> str:
-    """Parent run: config, headline metrics, tables and figures; a child per manifest row.
+                summary: Mapping[str, Any], markers: pd.DataFrame, finals: set[str],
+                reduce_failures: pd.DataFrame) -> str:
+    """Parent run: config, headline metrics, tables and figures; a child per manifest row
+    (tagged with its count of reduce failures and whether it is near chance) whose metric
+    keys are the registry's evaluated metrics.
 
     `markers` are the marker rows of the reduced (complete) checkpoints."""
     from circuitray.tracking import ChildRun, default_tracking_uri, flatten, log_job
@@ -420,23 +803,33 @@ def _log_mlflow(cfg: JobConfig, layout: JobLayout, manifest: pd.DataFrame, frame
     uri = cfg.tracking.uri or default_tracking_uri(layout.root)
     per_ckpt = models.groupby("checkpoint").first() if not models.empty else pd.DataFrame()
     children = []
-    metric_cols = [c for c in per_ckpt.columns if not c.startswith("lam_")
-                   and pd.api.types.is_numeric_dtype(per_ckpt[c])]
+    # metric keys from the registry: pre-deployment metrics at the checkpoint's OOD value
+    # (and the true OOD accuracy); metrics evaluated post-deployment only (CSS, detectors)
+    # as their mean over the shifted domains. Descriptors (Λ cells, …) are not logged.
+    metric_cols = metric_columns(per_ckpt.columns, stage="pre")
+    metric_cols += [c for c in ("ood_acc",) if c in per_ckpt]
+    post_only = [c for c in metric_columns(frame.columns, stage="post")
+                 if c not in metric_columns(frame.columns, stage="pre")]
     hyper = _hyper(manifest).set_index("checkpoint")
     # where each checkpoint's mean/std and labels came from (its completion marker)
     complete = set(markers.checkpoint)
     prep = (markers.reindex(columns=["checkpoint", "norm_source", "class_source"])
             .groupby("checkpoint").first())
+    n_failed = reduce_failures.groupby("checkpoint").size()
     for cid, hp in hyper.iterrows():
         metrics = per_ckpt.loc[cid, metric_cols].to_dict() if cid in per_ckpt.index else {}
         post = frame[(frame.checkpoint == cid) & (frame.role == "shift")]
-        for c in [c for c in post.columns if c.startswith("css_") or c == "accuracy"]:
+        for c in [c for c in (*post_only, "accuracy") if c in post]:
             metrics[f"shift_mean.{c}"] = float(post[c].mean()) if len(post) else float("nan")
         status = "complete" if cid in complete else "failed or not run"
-        tags = {"checkpoint": str(cid), "status": status, "final": str(cid in finals).lower()}
+        tags = {"checkpoint": str(cid), "status": status, "final": str(cid in finals).lower(),
+                "reduce_failures": str(int(n_failed.get(cid, 0)))}
+        if cid in per_ckpt.index and "near_chance" in per_ckpt:
+            tags["near_chance"] = str(bool(per_ckpt.loc[cid, "near_chance"])).lower()
         if cid in prep.index:
             tags |= {k: str(v) for k, v in prep.loc[cid].items() if v is not None}
-        children.append(ChildRun(str(cid), params=hp.to_dict(), metrics=metrics, tags=tags))
+        children.append(ChildRun(str(cid), params=hp.to_dict(), metrics=metrics, tags=tags,
+                                 status="FINISHED" if cid in complete else "FAILED"))
     artifacts = [(p, "tables/evaluation") for p in result.tables.values()
                  if p.parent == layout.evaluation]
     artifacts += [(p, "figures") for p in result.figures]
@@ -465,13 +858,63 @@ def check_ready(plan: JobPlan, failed: set[str]) -> None:
         + "\n".join(lines + more))
 
 
+_LOADED_PLUGINS: dict[str, Any] = {}
+
+
+def load_plugins(modules: Sequence[str]) -> None:
+    """Import each `reduce.plugins` module (a .py file or a dotted name) once per process;
+    importing it registers its metrics. Its functions are then pickled by value, so the Ray
+    tasks that compute them need not be able to import the module. A module that cannot be
+    imported stops reduce naming it."""
+    import importlib
+    import importlib.util
+    import sys as _sys
+
+    from ray import cloudpickle
+
+    for name in modules:
+        key = str(Path(name).resolve()) if name.endswith(".py") else name
+        if key in _LOADED_PLUGINS:
+            continue
+        try:
+            if name.endswith(".py"):
+                spec = importlib.util.spec_from_file_location(
+                    f"circuitray_plugin_{Path(name).stem}", name)
+                if spec is None or spec.loader is None:
+                    raise ImportError(f"not a Python file: {name}")
+                module = importlib.util.module_from_spec(spec)
+                _sys.modules[spec.name] = module
+                spec.loader.exec_module(module)
+            else:
+                module = importlib.import_module(name)
+        except MetricError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"reduce.plugins: cannot import '{name}': "
+                              f"{type(exc).__name__}: {exc}") from exc
+        cloudpickle.register_pickle_by_value(module)
+        _LOADED_PLUGINS[key] = module
+
+
+def _sweep_temporaries(layout: JobLayout) -> None:
+    """Remove what a killed reduce left half-written (`.<name>.<uuid>.tmp` beside its tables,
+    figures and report). Safe: the job lock keeps any other writer out of this folder."""
+    for folder in (layout.metrics, layout.evaluation, layout.figures,
+                   layout.reduce_failure_file("-").parent):
+        for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
+            tmp.unlink(missing_ok=True)
+
+
 def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
     """Compute metrics/ and evaluation/ tables, figures and the MLflow runs of a job."""
     start = time.perf_counter()
+    load_plugins(cfg.reduce.plugins)
     layout = JobLayout.of(cfg.output_dir)
+    _sweep_temporaries(layout)
     stamp = layout.evaluation / "_reduce.json"
     plan = plan_job(cfg, validate_images=False)
-    failed = set(read_failures(layout).checkpoint) & {c.checkpoint for c in plan.todo}
+    discover_failures = read_failures(layout).query("stage != 'reduce'")
+    failed = set(discover_failures.checkpoint) & {c.checkpoint for c in plan.todo}
     check_ready(plan, failed)
     fp = fingerprint(plan, cfg, failed)
     if not force and stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fp:
@@ -486,6 +929,8 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
     finals = {r["checkpoint_id"] for r in manifest.to_dict("records") if is_final(r)}
     result = ReduceResult(skipped=False)
     per = _per_checkpoint(layout, domains, cfg)
+    reduce_failures = per.pop("failures")
+    write_reduce_failures(layout, reduce_failures)
     frame = domain_frame(domains, per)
     all_models = _model_frame(frame, manifest)
     models = all_models[all_models.checkpoint.isin(finals)].reset_index(drop=True)
@@ -493,6 +938,8 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
     for name, df in per.items():
         if not df.empty:
             result.tables[name] = write_parquet_atomic(df, layout.metrics / f"{name}.parquet")
+        else:  # e.g. no plug-in registered any more: no table left from an earlier run
+            (layout.metrics / f"{name}.parquet").unlink(missing_ok=True)
     result.tables["domains"] = write_parquet_atomic(frame, layout.metrics / "domains.parquet")
     result.tables["models"] = write_parquet_atomic(all_models, layout.metrics / "models.parquet")
     evals = evaluate_all(frame[frame.checkpoint.isin(finals)], models, cfg, result.notes)
@@ -507,20 +954,28 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
         result.figures = _safe(lambda: figures(layout, frame, models, evals, cfg, manifest,
                                                motif, result.notes),
                                result.notes, "figures") or []
-    result.frames = {"domains": frame, "models": models, **evals}
+    result.frames = {"domains": frame, "models": models, **evals,
+                     "reduce_failures": reduce_failures}
     if isinstance(motif.get("summary"), pd.DataFrame):
         result.frames["motif_summary"] = motif["summary"]
     failures = read_failures(layout)
     summary = {"checkpoints_complete": int(domains.checkpoint.nunique()),
-               "checkpoints_failed": int(len(failures)),
+               "checkpoints_failed": int(failures.loc[failures.stage != "reduce",
+                                                      "checkpoint"].nunique()),
+               "checkpoints_with_reduce_failures": int(reduce_failures.checkpoint.nunique()),
                "domains": int(len(domains))}
     if cfg.tracking.enabled:
-        result.run_id = _log_mlflow(cfg, layout, manifest, frame, all_models, evals, result,
-                                    summary, domains, finals)
+        from circuitray.tracking import default_tracking_uri, store_errors
+
+        with store_errors(cfg.tracking.uri or default_tracking_uri(layout.root)):
+            result.run_id = _log_mlflow(cfg, layout, manifest, frame, all_models, evals, result,
+                                        summary, domains, finals, reduce_failures)
     result.seconds = time.perf_counter() - start
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps({"fingerprint": fp, "run_id": result.run_id,
-                                 "notes": result.notes, "seconds": result.seconds}, indent=1))
+    # the report a later up-to-date run reprints, then the stamp: both whole or not at all
+    write_text_atomic(layout.evaluation / REPORT_NAME, format_report(result.frames))
+    write_text_atomic(stamp, json.dumps({"fingerprint": fp, "run_id": result.run_id,
+                                         "notes": result.notes, "seconds": result.seconds},
+                                        indent=1))
     print(f"[reduce] {summary['checkpoints_complete']} checkpoints, {len(result.tables)} tables, "
           f"{len(result.figures)} figures in {result.seconds:.1f}s", file=sys.stderr, flush=True)
     return result
