@@ -225,3 +225,24 @@ def test_weights_key_is_part_of_the_fingerprint(tmp_path: Path) -> None:
         return fingerprint(domain_inputs(r, spec, cfg, weights="w", listings=listings))
 
     assert fp(row) != fp({**row, "weights_key": "state_dict_ema"})
+
+
+def test_the_corruption_implementation_is_part_of_a_shift_domains_fingerprint(
+        tmp_path: Path, monkeypatch) -> None:
+    """Frost from the reference photographs and the procedural fallback give other pixels:
+    a switch between them (installing or removing the reference) recomputes."""
+    from circuitray.data import shifts
+    from circuitray.runtime.plan import domain_inputs, domain_specs, fingerprint, manifest_rows
+
+    manifest = write_checkpoints(tmp_path, 1)
+    cfg = _config(tmp_path, manifest, "data.shift_kinds=[frost]")
+    row = manifest_rows(cfg)[0]
+    spec = next(s for s in domain_specs(row, cfg) if s.kind == "frost")
+
+    def fp() -> str:
+        return fingerprint(domain_inputs(row, spec, cfg, weights="w",
+                                         listings={"id": "a", "ood": "b"}))
+
+    before = fp()
+    monkeypatch.setattr(shifts, "implementation_id", lambda kind: f"{kind}:other")
+    assert fp() != before

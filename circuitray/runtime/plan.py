@@ -192,8 +192,12 @@ def domain_inputs(row: Mapping[str, Any], spec: DomainSpec, cfg: JobConfig, *, w
     inputs["domain.role"] = spec.role
     inputs["domain.source"] = spec.source
     if spec.kind is not None:
+        from circuitray.data.shifts import implementation_id
+
         inputs["shift.kind"] = spec.kind
         inputs["shift.severity"] = spec.severity
+        # what produced the pixels (e.g. frost from the reference photographs or procedural)
+        inputs["shift.implementation"] = implementation_id(spec.kind)
     return inputs
 
 
