@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from circuitray.errors import DataError, OutputError
 from circuitray.job_config import JobConfig
-from circuitray.runtime.files import FINGERPRINT_KEY, FileRecord
+from circuitray.runtime.files import FINGERPRINT_KEY, FileRecord, remove_temporaries
 from circuitray.runtime.layout import DOMAIN_SCHEMA, JobLayout
 from circuitray.runtime.plan import (
     CheckpointPlan,
@@ -212,11 +212,8 @@ def _sweep_temporaries(layout: JobLayout, task: str, cid: str) -> None:
 
     Safe because Ray runs one attempt of a task at a time; readers ignore them anyway.
     """
-    for folder in (layout.edges_file(task, cid, "x").parent,
-                   layout.outputs_file(task, cid, "x").parent):
-        if folder.is_dir():
-            for tmp in folder.glob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
+    remove_temporaries([layout.edges_file(task, cid, "x").parent,
+                        layout.outputs_file(task, cid, "x").parent])
 
 
 def _weights_identity(plan: CheckpointPlan) -> dict[str, Any]:

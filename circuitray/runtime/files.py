@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,3 +102,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
     return path
+
+
+def remove_temporaries(folders: Iterable[Path]) -> None:
+    """Delete the `.<name>.<uuid>.tmp` files a killed writer left in `folders` (the names
+    `write_text_atomic` and `tables.write_parquet_atomic` write to before renaming). Call it
+    only where no other writer can be at work (one task attempt, or under the job lock)."""
+    for folder in folders:
+        for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
+            tmp.unlink(missing_ok=True)

@@ -48,7 +48,7 @@ from circuitray.registry import (
     metric_columns,
 )
 from circuitray.report import format_report
-from circuitray.runtime.files import write_text_atomic
+from circuitray.runtime.files import remove_temporaries, write_text_atomic
 from circuitray.runtime.layout import JobLayout, safe_name
 from circuitray.runtime.plan import (
     JobPlan,
@@ -868,7 +868,6 @@ def load_plugins(modules: Sequence[str]) -> None:
     imported stops reduce naming it."""
     import importlib
     import importlib.util
-    import sys as _sys
 
     from ray import cloudpickle
 
@@ -883,7 +882,7 @@ def load_plugins(modules: Sequence[str]) -> None:
                 if spec is None or spec.loader is None:
                     raise ImportError(f"not a Python file: {name}")
                 module = importlib.util.module_from_spec(spec)
-                _sys.modules[spec.name] = module
+                sys.modules[spec.name] = module
                 spec.loader.exec_module(module)
             else:
                 module = importlib.import_module(name)
@@ -899,10 +898,8 @@ def load_plugins(modules: Sequence[str]) -> None:
 def _sweep_temporaries(layout: JobLayout) -> None:
     """Remove what a killed reduce left half-written (`.<name>.<uuid>.tmp` beside its tables,
     figures and report). Safe: the job lock keeps any other writer out of this folder."""
-    for folder in (layout.metrics, layout.evaluation, layout.figures,
-                   layout.reduce_failure_file("-").parent):
-        for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
-            tmp.unlink(missing_ok=True)
+    remove_temporaries([layout.metrics, layout.evaluation, layout.figures,
+                        layout.reduce_failure_file("-").parent])
 
 
 def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
