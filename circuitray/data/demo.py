@@ -18,6 +18,11 @@ Tasks (see README, "Data, shifts and the demo zoo"):
 - ``shapes-style``: six shape classes drawn in four styles; ``train`` and ``id`` mix the styles
   solid, outline and noisy; ``ood`` is the held-out striped style; ``style-<name>`` domains hold
   fresh test images of each training style.
+- ``pretrain-mix``: the backbone's corpus (``train`` and ``val``), 16 classes: the ten digits
+  in a plain style (a dark stroke of random colour on a grey background: no colour cue, and
+  never the coloured backgrounds or patches of the digit tasks) drawn from the digit tasks'
+  training digits only, and the six shapes in the three training styles (never striped). No
+  downstream task's held-out style or held-out digit is in it.
 
 A task directory is complete when ``task.json`` lists a domain; each domain is written to a
 temporary folder and renamed, so a crash never leaves a half-written domain that looks done.
@@ -39,11 +44,13 @@ from PIL import Image
 
 from circuitray.errors import ConfigError, DataError
 
-TASKS = ("digits-background", "digits-patch", "shapes-style")
+PRETRAIN_TASK = "pretrain-mix"
+TASKS = ("digits-background", "digits-patch", "shapes-style", PRETRAIN_TASK)
 DIGIT_TASKS = ("digits-background", "digits-patch")
 DEFAULT_RHOS = (0.5, 0.6, 0.7, 0.8, 0.9)
 SIZE = 32
 N_COLOURS = 10
+N_DIGIT_CLASSES = 10
 SHAPES = ("circle", "cross", "ring", "square", "star", "triangle")
 TRAIN_STYLES = ("solid", "outline", "noisy")
 OOD_STYLE = "striped"
@@ -62,6 +69,8 @@ def task_splits(name: str, rho: float | None = None) -> dict[str, str]:
         return {"train": f"train-{rho_tag(rho)}", "id": f"id-{rho_tag(rho)}", "ood": "ood"}
     if name == "shapes-style":
         return {"train": "train", "id": "id", "ood": "ood"}
+    if name == PRETRAIN_TASK:
+        return {"train": "train", "id": "val"}
     raise ConfigError(f"unknown demo task '{name}'; known: {list(TASKS)}")
 
 
@@ -111,7 +120,11 @@ def _render_digits(kind: str, digits: np.ndarray, cues: np.ndarray,
     colour = palette[cues] + rng.normal(0, 0.03, (n, 3)).astype(np.float32)
     alpha = _digit_alpha(digits)[..., None]
     stroke = rng.uniform(0.0, 0.15, (n, 1, 1, 1)).astype(np.float32)
-    if kind == "digits-background":
+    if kind == "plain":  # the pretraining style: coloured stroke, grey background, no cue
+        bg = np.broadcast_to(rng.uniform(0.5, 0.95, (n, 1, 1, 1)).astype(np.float32),
+                             (n, SIZE, SIZE, 3)).copy()
+        stroke = rng.uniform(0.0, 0.35, (n, 1, 1, 3)).astype(np.float32)
+    elif kind == "digits-background":
         bg = np.broadcast_to(colour[:, None, None, :], (n, SIZE, SIZE, 3)).copy()
     else:
         grey = rng.uniform(0.55, 0.85, (n, 1, 1, 1)).astype(np.float32)
@@ -219,16 +232,23 @@ def _write_meta(task_dir: Path, meta: dict[str, Any]) -> None:
     os.replace(tmp, task_dir / "task.json")
 
 
-def _digits_plan(name: str, seed: int, rhos: Sequence[float], ood_cues: int,
-                 ) -> dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]]:
-    """Domain name -> a function rendering it, for the digit tasks (deterministic per seed)."""
+def _digit_split(seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """scikit-learn's digits, labels, and the fixed split by `seed`: 400 held out (ood),
+    200 id, the rest (1,197) train. Pretraining uses the train digits only."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    digits, labels = data.images, data.target.astype(np.int64)
-    order = np.random.default_rng(seed).permutation(len(labels))
+    order = np.random.default_rng(seed).permutation(len(data.target))
     n_ood, n_id = 400, 200
-    ood_idx, id_idx, train_idx = order[:n_ood], order[n_ood:n_ood + n_id], order[n_ood + n_id:]
+    split = {"ood": order[:n_ood], "id": order[n_ood:n_ood + n_id], "train": order[n_ood + n_id:]}
+    return data.images, data.target.astype(np.int64), split
+
+
+def _digits_plan(name: str, seed: int, rhos: Sequence[float], ood_cues: int,
+                 ) -> dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]]:
+    """Domain name -> a function rendering it, for the digit tasks (deterministic per seed)."""
+    digits, labels, split = _digit_split(seed)
+    ood_idx, id_idx, train_idx = split["ood"], split["id"], split["train"]
 
     def render(idx: np.ndarray, rho: float | None, stream: int, repeat: int = 1):
         def make() -> tuple[np.ndarray, np.ndarray]:
@@ -272,9 +292,37 @@ def _shapes_plan(seed: int, n_per_style: int
     return plan
 
 
+def _pretrain_plan(seed: int, n_per_shape: int
+                   ) -> dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]]:
+    """Domain name -> renderer for the pretraining corpus: plain digits (train digits only,
+    labels 0-9) and shapes in the training styles (labels 10-15); 10% of each is `val`."""
+    digits, labels, split = _digit_split(seed)
+    train_idx = split["train"]
+
+    def make_split(part: str) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+        def make() -> tuple[np.ndarray, np.ndarray]:
+            rng = np.random.default_rng([seed, 100])
+            keep = rng.permutation(len(train_idx))
+            cut = len(keep) // 10
+            idx = train_idx[keep[:cut] if part == "val" else keep[cut:]]
+            rng = np.random.default_rng([seed, 101 if part == "val" else 102])
+            n_shapes = max(1, n_per_shape // 10) if part == "val" else n_per_shape
+            idx2 = np.tile(idx, 2)  # each digit twice, in two random plain renderings
+            parts = [_render_digits("plain", digits[idx2], np.zeros(len(idx2), np.int64), rng)]
+            labs = [labels[idx2]]
+            for style in TRAIN_STYLES:
+                lab = rng.integers(0, len(SHAPES), n_shapes * len(SHAPES) // len(TRAIN_STYLES))
+                parts.append(_render_shapes(lab, style, rng))
+                labs.append(lab + N_DIGIT_CLASSES)
+            return np.concatenate(parts), np.concatenate(labs)
+        return make
+
+    return {"train": make_split("train"), "val": make_split("val")}
+
+
 def build_demo_task(name: str, root: str | os.PathLike, *, seed: int = 0,
                     rhos: Sequence[float] = DEFAULT_RHOS, ood_cues: int = 3,
-                    n_per_style: int = 600) -> Path:
+                    n_per_style: int = 600, n_per_shape: int = 400) -> Path:
     """Write demo task `name` under root/name/ in the DomainBed layout; return that folder.
 
     Idempotent: domains already listed in task.json with the same generation parameters are
@@ -282,6 +330,7 @@ def build_demo_task(name: str, root: str | os.PathLike, *, seed: int = 0,
     train-/id- domains exist; `ood_cues` random cue colours per held-out digit
     (400 digits; 3 -> 1,200 images).
     Digit split (fixed by `seed`): 1,197 train, 200 id (each rendered twice), 400 ood.
+    `n_per_shape`: training images per shape class of the pretraining corpus.
     """
     if name not in TASKS:
         raise ConfigError(f"unknown demo task '{name}'; known: {list(TASKS)}")
@@ -291,6 +340,10 @@ def build_demo_task(name: str, root: str | os.PathLike, *, seed: int = 0,
         params = {"seed": seed, "ood_cues": ood_cues, "version": 3}
         plan = _digits_plan(name, seed, rhos, ood_cues)
         classes = [str(k) for k in range(10)]
+    elif name == PRETRAIN_TASK:
+        params = {"seed": seed, "n_per_shape": n_per_shape, "version": 1}
+        plan = _pretrain_plan(seed, n_per_shape)
+        classes = [f"digit{k}" for k in range(N_DIGIT_CLASSES)] + list(SHAPES)
     else:
         params = {"seed": seed, "n_per_style": n_per_style, "version": 1}
         plan = _shapes_plan(seed, n_per_style)

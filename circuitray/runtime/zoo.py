@@ -2,6 +2,8 @@
 
 Output layout under `out_dir`:
   manifest.csv      one row per FINAL model (what discover/reduce read by default)
+  backbone.csv      the pretrained backbone's own manifest row (when pretraining is on)
+  backbone/         its weights, record and per-epoch curve (backbone/<id>.curve.csv)
   checkpoints.csv   every saved checkpoint, final and intermediate, with `epoch`, `final` and
                     `parent_id` (the final model's id) for training-dynamics studies
   failures.parquet  configurations that failed (FAILURE_SCHEMA), when any did
@@ -25,21 +27,70 @@ from typing import Any
 import pandas as pd
 
 from circuitray.config import to_dict
-from circuitray.data.demo import DIGIT_TASKS, build_demo_task
+from circuitray.data.demo import DIGIT_TASKS, PRETRAIN_TASK, build_demo_task
 from circuitray.tables import FAILURE_SCHEMA, write_parquet_atomic
-from circuitray.training import ZooConfig, expand_grid, read_record, train_one
+from circuitray.training import (
+    ZooConfig,
+    backbone_spec,
+    expand_grid,
+    pretrain_backbone,
+    read_backbone,
+    read_record,
+    train_one,
+)
 
 
 def prepare_data(config: ZooConfig) -> dict[str, Path]:
-    """Generate (or reuse) every demo task the grid names, with the ρ domains it needs."""
+    """Generate (or reuse) every demo task the grid names, with the ρ domains it needs, and
+    the pretraining corpus when pretraining is on."""
     rhos = sorted({float(r) for r in config.grid.rho})
     dirs = {}
-    for task in dict.fromkeys(config.grid.task):
+    tasks = list(dict.fromkeys(config.grid.task))
+    if config.pretrain.enabled:
+        tasks.append(PRETRAIN_TASK)
+    for task in tasks:
         kwargs: dict[str, Any] = {"seed": config.data_seed}
         if task in DIGIT_TASKS:
             kwargs.update(rhos=rhos, ood_cues=config.ood_cues)
+        if task == PRETRAIN_TASK:
+            kwargs.update(n_per_shape=config.pretrain.n_per_shape)
         dirs[task] = build_demo_task(task, config.data_root, **kwargs).resolve()
     return dirs
+
+
+def prepare_backbones(config: ZooConfig, specs: list[dict[str, Any]], out: Path,
+                      data_dir: Path | None, *, reuse: bool, executor: str, stream) -> None:
+    """Pretrain (or reuse) the backbone of every depth a fine-tune needs; write backbone.csv
+    and each backbone's curve. Fails loudly: no fine-tune can start without its backbone."""
+    depths = sorted({s["depth"] for s in specs if s.get("init")})
+    rows = []
+    for depth in depths:
+        spec = backbone_spec(config, depth)
+        record = read_backbone(out, spec) if reuse else None
+        if record is None:
+            print(f"[train_zoo] pretraining {spec['checkpoint_id']} ({spec['epochs']} epochs)",
+                  file=stream, flush=True)
+            if executor == "ray":
+                import ray
+
+                from circuitray.runtime.ray_utils import ensure_ray
+
+                ensure_ray(num_cpus=config.num_cpus)
+                task = ray.remote(num_cpus=min(spec["threads"], config.num_cpus),
+                                  max_retries=1)(pretrain_backbone)
+                record = ray.get(task.remote(spec, str(data_dir), str(out)))
+            else:
+                record = pretrain_backbone(spec, data_dir, out)
+            last = record["curve"][-1]
+            print(f"[train_zoo] {spec['checkpoint_id']}: val_acc {last['val_acc']:.3f} "
+                  f"({last['seconds']:.0f}s)", file=stream, flush=True)
+        else:
+            print(f"[train_zoo] {spec['checkpoint_id']}: reused", file=stream, flush=True)
+        _write_csv_atomic(pd.DataFrame(record["curve"]),
+                          out / "backbone" / f"{spec['checkpoint_id']}.curve.csv")
+        rows.append(record["row"])
+    if rows:
+        _write_csv_atomic(pd.DataFrame(rows), out / "backbone.csv")
 
 
 def _write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
@@ -71,8 +122,10 @@ def train_zoo(config: ZooConfig, out_dir: str | os.PathLike, *, reuse: bool = Tr
     out = Path(out_dir).resolve()  # Ray workers need paths that do not depend on their cwd
     out.mkdir(parents=True, exist_ok=True)
     (out / "zoo_config.json").write_text(pd.Series(to_dict(config)).to_json(indent=1))
+    specs = expand_grid(config)  # config errors before any data is generated
     dirs = prepare_data(config)
-    specs = expand_grid(config)
+    prepare_backbones(config, specs, out, dirs.get(PRETRAIN_TASK), reuse=reuse,
+                      executor=executor, stream=stream)
     records: dict[str, dict[str, Any]] = {}
     todo = []
     for spec in specs:
