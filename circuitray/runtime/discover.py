@@ -101,14 +101,14 @@ def _loaders(spec: DomainSpec, root: str, transform: Any, cfg: JobConfig,
     outputs' permutation); the outputs order is unchanged.
     """
     from circuitray.data.datasets import (
-        DomainFolderDataset,
         RememberedItems,
         make_loader,
+        open_domain,
         subset_indices,
     )
 
     d = cfg.data
-    base = DomainFolderDataset(root, spec.source, transform=transform, classes=classes)
+    base = open_domain(root, spec.source, transform=transform, classes=classes)
     data = base
     if spec.kind is not None:
         from circuitray.data.shifts import ShiftedDataset
