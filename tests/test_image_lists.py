@@ -225,3 +225,19 @@ def test_image_list_key_must_name_a_csv_or_parquet_file(tmp_path: Path) -> None:
     cfg = load_job_config(CONF, [f"manifest={tmp_path / 'm.csv'}", "data.image_list=l.csv"],
                           base=tmp_path)
     assert cfg.data.image_list == str(tmp_path / "l.csv")  # relative to where the job starts
+
+
+def test_label_column_type_decides_indices_or_names(tmp_path: Path) -> None:
+    """CSV: all-integer cells are indices (a blank cell is unlabeled); one non-integer cell
+    makes every cell a name. Parquet: the column's type decides, "0" text is a name."""
+    csv = tmp_path / "a.csv"
+    csv.write_text("path,label,domain\na.png,0,d\nb.png,  ,d\nc.png,1,d\n")
+    got = read_image_list(csv)
+    assert got.indices and [r.label for r in got.rows] == [0, None, 1]
+    csv.write_text("path,label,domain\na.png,0,d\nb.png,cat,d\n")
+    assert [r.label for r in read_image_list(csv).rows] == ["0", "cat"]
+    pq_path = tmp_path / "a.parquet"
+    pd.DataFrame({"path": ["a.png", "b.png"], "label": ["0", None], "domain": "d"}
+                 ).to_parquet(pq_path)
+    got = read_image_list(pq_path)
+    assert not got.indices and [r.label for r in got.rows] == ["0", None]

@@ -108,9 +108,10 @@ def _read_columns(path: Path) -> tuple[dict[str, list], bool]:
     columns = {c: table.column(c).to_pylist() for c in COLUMNS}
     labels, kind = columns["label"], table.schema.field("label").type
     if suffix == ".csv":
-        cells = [v for v in labels if v != ""]
-        indices = bool(cells) and all(_INTEGER.fullmatch(v.strip()) for v in cells)
-        columns["label"] = [None if v == "" else int(v) if indices else v for v in labels]
+        cells = [v.strip() for v in labels if v.strip()]
+        indices = bool(cells) and all(_INTEGER.fullmatch(v) for v in cells)
+        columns["label"] = [None if not v.strip() else int(v) if indices else v
+                            for v in labels]
     elif pa.types.is_integer(kind) or pa.types.is_null(kind):
         indices = pa.types.is_integer(kind)
     elif pa.types.is_floating(kind):  # pandas turns an int column with nulls into floats
