@@ -241,3 +241,15 @@ def test_label_column_type_decides_indices_or_names(tmp_path: Path) -> None:
                  ).to_parquet(pq_path)
     got = read_image_list(pq_path)
     assert not got.indices and [r.label for r in got.rows] == ["0", None]
+
+
+def test_an_edit_keeping_size_and_mtime_is_still_read(tmp_path: Path) -> None:
+    """Parsed lists are remembered by content: a same-size edit in the same mtime tick (a
+    coarse filesystem clock) must not return the old rows."""
+    path = tmp_path / "l.csv"
+    path.write_text("path,label,domain\na.png,0,d\n")
+    st = path.stat()
+    assert read_image_list(path).rows[0].label == 0
+    path.write_text("path,label,domain\na.png,1,d\n")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert read_image_list(path).rows[0].label == 1

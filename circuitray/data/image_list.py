@@ -19,8 +19,8 @@ editing the list re-runs exactly the domains whose rows changed.
 
 from __future__ import annotations
 
-import functools
 import hashlib
+import io
 import json
 import os
 import re
@@ -33,6 +33,7 @@ LIST_SUFFIXES = frozenset({".csv", ".parquet", ".pq"})
 COLUMNS = ("path", "label", "domain")
 _INTEGER = re.compile(r"[+-]?\d+")
 _MAX_NAMED = 10  # rows named in one message; the count says how many more
+_PARSED: dict[tuple[str, str], ImageList] = {}  # (path, content sha256) -> parsed list
 
 Label = int | str | None
 
@@ -82,7 +83,7 @@ def _rows_message(problems: list[str]) -> str:
     return "; ".join(problems[:_MAX_NAMED]) + (f"; and {more} more" if more > 0 else "")
 
 
-def _read_columns(path: Path) -> tuple[dict[str, list], bool]:
+def _read_columns(path: Path, content: bytes) -> tuple[dict[str, list], bool]:
     """The list's three columns as Python lists, and whether `label` holds integers."""
     import pyarrow as pa
 
@@ -91,14 +92,12 @@ def _read_columns(path: Path) -> tuple[dict[str, list], bool]:
         if suffix == ".csv":
             import pandas as pd
 
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+            frame = pd.read_csv(io.BytesIO(content), dtype=str, keep_default_na=False)
             table = pa.Table.from_pandas(frame, preserve_index=False)
         else:
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
-    except FileNotFoundError as exc:
-        raise DataError(path, "no such image list (config key data.image_list)") from exc
+            table = pq.read_table(pa.BufferReader(content))
     except Exception as exc:  # parser errors of pandas/pyarrow: name the file
         raise DataError(path, f"unreadable image list: {str(exc).splitlines()[0]}") from exc
     missing = [c for c in COLUMNS if c not in table.column_names]
@@ -134,10 +133,8 @@ def _text(value: object) -> str:
     return "" if value is None else str(value).strip()
 
 
-@functools.lru_cache(maxsize=16)
-def _read_cached(path: str, size: int, mtime_ns: int) -> ImageList:
-    source = Path(path)
-    columns, indices = _read_columns(source)
+def _parse(source: Path, content: bytes) -> ImageList:
+    columns, indices = _read_columns(source, content)
     base = source.parent
     rows, problems = [], []
     first: dict[tuple[str, str], int] = {}
@@ -171,14 +168,20 @@ def _read_cached(path: str, size: int, mtime_ns: int) -> ImageList:
 
 
 def read_image_list(path: str | os.PathLike) -> ImageList:
-    """Parse and check an image list (remembered while the file's size and mtime hold)."""
+    """Parse and check an image list (remembered by content: an edit within the same mtime
+    tick is still seen)."""
     path = Path(path)
     try:
-        st = path.stat()
+        content = path.read_bytes()
     except OSError as exc:
-        raise DataError(path, f"no such image list (config key data.image_list): "
+        raise DataError(path, f"unreadable image list (config key data.image_list): "
                               f"{exc.strerror or exc}") from exc
-    return _read_cached(str(path), st.st_size, st.st_mtime_ns)
+    key = (str(path), hashlib.sha256(content).hexdigest())
+    if key not in _PARSED:
+        if len(_PARSED) >= 16:
+            _PARSED.pop(next(iter(_PARSED)))
+        _PARSED[key] = _parse(path, content)
+    return _PARSED[key]
 
 
 @dataclass(frozen=True)
