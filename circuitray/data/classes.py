@@ -13,8 +13,9 @@ in this order:
    `list_class_map`: "0".."n-1" for label indices, the sorted label names of the ID domain's
    rows for class names).
 
-The data.class_map file is never guessed (no `classes.txt` is picked up beside the data):
-it enters each domain's fingerprint by its content, and a file nobody named would not.
+The data.class_map file is never guessed: no `classes.txt` beside the data is picked up by
+itself, so a stray file cannot relabel a task (for the reason the map never follows whichever
+folders happen to exist).
 
 Every domain a checkpoint is run on must hold only class folders of the map, none of them
 empty; the map must have as many classes as the model's head has outputs. The map used is
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from circuitray.data.image_list import is_image_list, read_image_list
+from circuitray.data.image_list import is_image_list, read_image_list, rows_message
 from circuitray.data.listing import IMAGE_SUFFIXES
 from circuitray.errors import CheckpointError, DataError
 
@@ -220,9 +221,7 @@ def list_class_map(row: Mapping[str, Any], cfg_data: Any, source: str | os.PathL
                 bad.append(f"row {r.row}: unknown label '{r.label}'; the class map is "
                            f"{list(class_map.names)} (from {class_map.source})")
     if bad:
-        more = len(bad) - 10
-        raise DataError(image_list.source, "; ".join(bad[:10]) + (f"; and {more} more"
-                                                                  if more > 0 else ""))
+        raise DataError(image_list.source, rows_message(bad))
     return class_map
 
 

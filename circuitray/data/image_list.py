@@ -19,6 +19,7 @@ editing the list re-runs exactly the domains whose rows changed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -62,13 +63,20 @@ class ImageList:
     rows: tuple[ListRow, ...]
     indices: bool
 
+    @functools.cached_property
+    def _by_domain(self) -> dict[str, list[ListRow]]:
+        grouped: dict[str, list[ListRow]] = {}
+        for r in self.rows:
+            grouped.setdefault(r.domain, []).append(r)
+        return grouped
+
     @property
     def domains(self) -> list[str]:
-        return sorted({r.domain for r in self.rows})
+        return sorted(self._by_domain)
 
     def domain_rows(self, domain: str) -> list[ListRow]:
         """The rows of `domain` in file order, or a DataError listing the domains there are."""
-        rows = [r for r in self.rows if r.domain == domain]
+        rows = list(self._by_domain.get(domain, ()))
         if not rows:
             raise DataError(self.source, f"no rows with domain '{domain}' (column 'domain'); "
                                          f"domains in the list: {self.domains}")
@@ -78,7 +86,8 @@ class ImageList:
         return f"{self.source} row {row.row}"
 
 
-def _rows_message(problems: list[str]) -> str:
+def rows_message(problems: list[str]) -> str:
+    """Problems of several rows in one message: the first ten, then how many more."""
     more = len(problems) - _MAX_NAMED
     return "; ".join(problems[:_MAX_NAMED]) + (f"; and {more} more" if more > 0 else "")
 
@@ -161,7 +170,7 @@ def _parse(source: Path, content: bytes) -> ImageList:
             label = str(label).strip() or None
         rows.append(ListRow(i, p, file, label, domain))
     if problems:
-        raise DataError(source, _rows_message(problems))
+        raise DataError(source, rows_message(problems))
     if not rows:
         raise DataError(source, "image list has no rows")
     return ImageList(source, tuple(rows), indices)
@@ -235,5 +244,5 @@ def list_listed_domain(source: str | os.PathLike, domain: str) -> ListedDomain:
             continue
         stats.append((st.st_size, st.st_mtime_ns))
     if missing:
-        raise DataError(image_list.source, _rows_message(missing))
+        raise DataError(image_list.source, rows_message(missing))
     return ListedDomain(image_list.source, domain, tuple(rows), tuple(stats))
