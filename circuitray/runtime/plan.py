@@ -40,8 +40,8 @@ MODEL_COLUMNS = ("arch", "arch_kwargs", "num_classes", "classes", "mean", "std",
                  "interpolation", "crop_pct", "weights_key")
 # data.* keys that choose WHICH domains run (each domain's own spec covers them), not how.
 # An image list counts by each domain's rows (its listing digest), not by the whole file.
-_DOMAIN_SELECTION = {"root", "image_list", "id_domain", "ood_domains", "shift_kinds", "shift_severities",
-                     "proxy_kinds", "proxy_severities"}
+_DOMAIN_SELECTION = {"root", "image_list", "id_domain", "ood_domains", "shift_kinds",
+                     "shift_severities", "proxy_kinds", "proxy_severities"}
 _ATTRIBUTION_EXECUTION = {"device"}  # where it runs, not what it computes
 FINGERPRINT_FORMAT = 1
 
