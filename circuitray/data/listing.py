@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from circuitray.errors import DataError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -81,8 +83,8 @@ def validate_listing(listing: Listing, cache_dir: Path | None = None) -> list[st
             return list(json.loads(cache.read_text())["unreadable"])
         except (ValueError, KeyError):
             pass  # a damaged cache entry is recomputed
-    print(f"[plan] decoding {len(listing.images)} images of {listing.folder} once "
-          "(remembered for this listing)", file=sys.stderr, flush=True)
+    log.info(f"[plan] decoding {len(listing.images)} images of {listing.folder} once "
+             "(remembered for this listing)")
     bad = unreadable_images(listing)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
