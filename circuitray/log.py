@@ -13,6 +13,7 @@ the default output is not a per-domain line from every worker.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 ROOT = "circuitray"
@@ -55,6 +56,10 @@ def setup(level: int | str = logging.INFO) -> None:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False  # not twice where Ray or an application configured the root
+    if level > logging.INFO:  # -q quiets the INFO lines of the libraries a job drives too
+        os.environ["MLFLOW_LOGGING_LEVEL"] = logging.getLevelName(level)  # read at import
+        for name in ("mlflow", "ray"):
+            logging.getLogger(name).setLevel(level)
 
 
 def current_level() -> int:

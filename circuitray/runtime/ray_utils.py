@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 import ray
 
+from circuitray.log import current_level
 from circuitray.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -27,11 +28,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                 if k in os.environ}
     runtime_env = {"env_vars": env_vars} if env_vars else None
     address = address or os.environ.get("RAY_ADDRESS")
+    ray_level = max(logging.INFO, current_level())  # -q: no "Started a local Ray instance"
     if address and address != "local":
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True,
+                 logging_level=ray_level)
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 runtime_env=runtime_env, log_to_driver=True)
+                 runtime_env=runtime_env, log_to_driver=True, logging_level=ray_level)
 
 
 def iter_completed(refs: Sequence[ray.ObjectRef], label: str, stream: TextIO | None = None,

@@ -540,7 +540,7 @@ def _model_frame(frame: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
 
 def _note(notes: list[str], message: str) -> None:
     notes.append(message)
-    log.warning(f"[reduce] {message}")
+    log.info(f"[reduce] {message}")  # the report carries the notes too
 
 
 def _safe(fn: Any, notes: list[str], what: str) -> Any:
