@@ -140,3 +140,15 @@ def test_worker_per_domain_lines_are_debug_only(level, tmp_path, capsys) -> None
     assert result["status"] == "done", result
     err = capsys.readouterr().err
     assert ("[discover ckpt0] id:" in err) == (level == logging.DEBUG)
+
+
+def test_quiet_also_quiets_ray_and_mlflow_info_lines(monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_LOGGING_LEVEL", "INFO")  # restored after the test
+    before = {name: logging.getLogger(name).level for name in ("mlflow", "ray")}
+    try:
+        assert cli.main(["-q", "config", "show", "tiny"]) == 0
+        assert os.environ["MLFLOW_LOGGING_LEVEL"] == "WARNING"  # mlflow reads it at import
+        assert all(logging.getLogger(name).level == logging.WARNING for name in before)
+    finally:
+        for name, level in before.items():
+            logging.getLogger(name).setLevel(level)
