@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TextIO
 
 ROOT = "circuitray"
 LEVELS = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}
@@ -30,11 +31,11 @@ class _StderrHandler(logging.StreamHandler):
         super().__init__(sys.stderr)
 
     @property  # type: ignore[override]
-    def stream(self):  # noqa: ANN201 - a text stream
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter
-    def stream(self, value) -> None:  # noqa: ANN001 - StreamHandler.__init__ assigns it
+    def stream(self, value: TextIO) -> None:  # StreamHandler.__init__ assigns it: ignored
         pass
 
 
