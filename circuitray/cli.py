@@ -50,7 +50,7 @@ def resolve_config(name: str | os.PathLike) -> Path:
     naming what was tried, never silently a shipped file of the same name."""
     path = Path(name)
     if path.exists():
-        return path.resolve()
+        return path  # as given, so messages name what the user typed
     parts = path.parts
     if len(parts) == 1 or (len(parts) == 2 and parts[0] == "conf"):
         file = parts[-1] if path.suffix in (".yaml", ".yml") else f"{parts[-1]}.yaml"

@@ -82,7 +82,7 @@ def test_a_config_resolves_to_the_path_first_then_the_shipped_copy(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "local.yaml").write_text("manifest: m.csv\n")
-    got = cli.resolve_config(name)
+    got = cli.resolve_config(name).resolve()
     if expect == "shipped":
         assert got == (REPO / "conf" / "demo.yaml").resolve()
     else:
@@ -93,8 +93,8 @@ def test_a_local_file_beats_the_shipped_config_of_the_same_name(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "demo.yaml").write_text("manifest: mine.csv\n")
-    assert cli.resolve_config("conf/demo.yaml") == (tmp_path / "conf" / "demo.yaml").resolve()
-    assert cli.resolve_config("demo") == (tmp_path / "conf" / "demo.yaml").resolve()
+    assert cli.resolve_config("conf/demo.yaml") == Path("conf/demo.yaml")  # as typed
+    assert cli.resolve_config("demo").resolve() == (tmp_path / "conf" / "demo.yaml").resolve()
 
 
 @pytest.mark.parametrize("name", ["elsewhere/demo.yaml", "no-such-config"])
