@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from circuitray.data.image_list import ListedDomain, is_image_list, list_listed_domain
 from circuitray.errors import DataError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -106,8 +108,8 @@ def validate_listing(listing: Listing | ListedDomain, cache_dir: Path | None = N
         except (ValueError, KeyError, TypeError):
             pass  # a damaged (or older) cache entry is recomputed
     if bad is None:
-        print(f"[plan] decoding {len(listing.images)} images of {listing.folder} once "
-              "(remembered for this listing)", file=sys.stderr, flush=True)
+        log.info(f"[plan] decoding {len(listing.images)} images of {listing.folder} once "
+                 "(remembered for this listing)")
         bad = _undecodable(listing)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
