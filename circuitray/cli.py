@@ -5,15 +5,20 @@
     circuitray reduce conf/cluster.yaml --force    # recompute metrics/evaluation/MLflow
     circuitray demo                                # demo zoo -> pipeline -> paper-style table
     circuitray manifest runs/ -o manifest.csv      # scan checkpoints into a manifest
+    circuitray config show conf/demo.yaml data.limit=8   # the resolved config, defaults too
 
-Config errors are reported (naming the key) before Ray or any model starts.
+Config errors are reported (naming the key) before Ray or any model starts. A config is a
+path, or the name of a shipped one (`demo`, `conf/tiny.yaml`): the path is tried first, then
+the copy installed with the package. The report goes to stdout; plan, progress and warnings
+to stderr (-q: warnings only, -v: also every worker's per-domain lines).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,18 +26,42 @@ from pathlib import Path
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from circuitray.errors import CircuitrayError  # noqa: E402
+from circuitray import __version__  # noqa: E402
+from circuitray import log as logsetup  # noqa: E402
+from circuitray.errors import CircuitrayError, ConfigError  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 DEMO_CONF = "conf/demo.yaml"
 DEMO_ZOO_CONF = "conf/zoo-demo.yaml"
 
 
-def _repo_file(name: str) -> Path:
-    """conf/ files are looked up in the cwd first, then beside the installed package."""
-    here = Path(name)
-    if here.exists():
-        return here.resolve()
-    return (Path(__file__).resolve().parents[1] / name).resolve()
+def shipped_conf_dirs() -> list[Path]:
+    """Where the shipped configs are: inside an installed wheel (`circuitray/conf`, package
+    data mapped from the repository's top-level conf/ by pyproject.toml), then a source
+    checkout's conf/ beside the package (editable install, PYTHONPATH)."""
+    package = Path(__file__).resolve().parent
+    return [d for d in (package / "conf", package.parent / "conf") if d.is_dir()]
+
+
+def resolve_config(name: str | os.PathLike) -> Path:
+    """The config file `name` means: the path itself when it exists, else, for a bare name
+    (`demo`, `demo.yaml`) or `conf/<file>`, the shipped copy. Other missing paths are errors
+    naming what was tried, never silently a shipped file of the same name."""
+    path = Path(name)
+    if path.exists():
+        return path  # as given, so messages name what the user typed
+    parts = path.parts
+    if len(parts) == 1 or (len(parts) == 2 and parts[0] == "conf"):
+        file = parts[-1] if path.suffix in (".yaml", ".yml") else f"{parts[-1]}.yaml"
+        tried = [Path("conf") / file] if len(parts) == 1 else []
+        tried += [d / file for d in shipped_conf_dirs()]
+        for candidate in tried:
+            if candidate.is_file():
+                return candidate.resolve()
+        raise ConfigError(f"{name}: no such config file (looked in ./, "
+                          f"{', '.join(str(t.parent) for t in tried)})")
+    raise ConfigError(f"{name}: no such config file")
 
 
 def _run(args: argparse.Namespace, stages: list[str] | None) -> int:
@@ -40,7 +69,7 @@ def _run(args: argparse.Namespace, stages: list[str] | None) -> int:
     from circuitray.runtime.pipeline import run_pipeline
 
     overrides = list(args.overrides) + ([f"stages={stages}"] if stages else [])
-    cfg = load_job_config(args.config, overrides)
+    cfg = load_job_config(resolve_config(args.config), overrides)
     result = run_pipeline(cfg, force_reduce=getattr(args, "force", False))
     if result.reduce is not None:
         print(_stored_report(cfg))
@@ -65,10 +94,10 @@ def _where(cfg, failed: Sequence[str] = ()) -> None:
 
     uri = cfg.tracking.uri or default_tracking_uri(cfg.output_dir)
     if failed:
-        print(f"\n{len(failed)} checkpoint(s) failed; why: {cfg.output_dir}/failures/")
-    print(f"\ntables: {cfg.output_dir}/{{edges,outputs,metrics,evaluation,failures}}\n"
-          f"figures: {cfg.output_dir}/figures\n"
-          f"MLflow UI: mlflow ui --backend-store-uri {uri}")
+        log.warning(f"{len(failed)} checkpoint(s) failed; why: {cfg.output_dir}/failures/")
+    log.info(f"tables: {cfg.output_dir}/{{edges,outputs,metrics,evaluation,failures}}\n"
+             f"figures: {cfg.output_dir}/figures\n"
+             f"MLflow UI: mlflow ui --backend-store-uri {uri}")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -78,10 +107,11 @@ def _demo(args: argparse.Namespace) -> int:
 
     zoo_dir = Path(args.zoo_out).resolve()
     start = time.perf_counter()
-    manifest = _demo_zoo(_repo_file(args.zoo_config), zoo_dir, list(args.zoo_overrides or []))
+    zoo_conf = resolve_config(args.zoo_config)
+    manifest = _demo_zoo(zoo_conf, zoo_dir, list(args.zoo_overrides or []))
     zoo_s = time.perf_counter() - start
     overrides = [f"manifest={manifest}", *args.overrides]
-    cfg = load_job_config(_repo_file(args.config), overrides)
+    cfg = load_job_config(resolve_config(args.config), overrides)
     start = time.perf_counter()
     result = run_pipeline(cfg, force_reduce=args.force)
     job_s = time.perf_counter() - start
@@ -89,7 +119,7 @@ def _demo(args: argparse.Namespace) -> int:
           "(CVPR 2026) published composites")
     if result.reduce is not None:
         print(_stored_report(cfg))
-    print(f"\nzoo {zoo_s:.0f}s (reused when already trained), pipeline {job_s:.0f}s")
+    log.info(f"zoo {zoo_s:.0f}s (reused when already trained), pipeline {job_s:.0f}s")
     _where(cfg, result.discover.failed if result.discover else [])
     return 0
 
@@ -125,19 +155,69 @@ def _manifest_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_command(args: argparse.Namespace) -> int:
+    """Print the config a command would run with: every key, defaults filled in, overrides
+    applied, paths made absolute, validated (a bad key fails here as it would in `run`)."""
+    import yaml
+
+    from circuitray.config import load_config, to_dict
+    from circuitray.job_config import load_job_config
+    from circuitray.training import ZooConfig
+
+    path = resolve_config(args.config)
+    loaded = yaml.safe_load(path.read_text()) if path.is_file() else None
+    if isinstance(loaded, dict) and "grid" in loaded:  # a demo-zoo config (jobs/train_zoo.py)
+        cfg = load_config(ZooConfig, path, args.overrides)
+    else:
+        cfg = load_job_config(path, args.overrides)
+    print(f"# {path}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None),
+          end="")
+    return 0
+
+
+def config_sections() -> str:
+    """The job config's top-level keys and sections, for --help (read from JobConfig)."""
+    from circuitray.job_config import JobConfig
+
+    keys, lines = [], []
+    for f in dataclasses.fields(JobConfig):
+        if dataclasses.is_dataclass(f.default_factory):
+            doc = (f.default_factory.__doc__ or "").strip().splitlines()[0]
+            lines.append(f"  {f.name:<12} {doc}")
+        else:
+            keys.append(f.name)
+    return ("config sections (`circuitray config show conf/X.yaml` prints every key with its "
+            "default):\n" + f"  {'(top level)':<12} {', '.join(keys)}\n" + "\n".join(lines))
+
+
+def _verbosity(parser: argparse.ArgumentParser, default: object) -> None:
+    """-v/-q, accepted before and after the subcommand (a subcommand's default is SUPPRESS so
+    it does not undo a flag given before it)."""
+    parser.add_argument("-v", "--verbose", action="count", default=default,
+                        help="more output: DEBUG, e.g. every worker's per-domain lines")
+    parser.add_argument("-q", "--quiet", action="count", default=default,
+                        help="warnings and the report only")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuitray", description=__doc__,
+                                     epilog=config_sections(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"circuitray {__version__}")
+    _verbosity(parser, 0)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("run", "discover then reduce"), ("discover", "the map stage only"),
                         ("reduce", "the reduce stage only")):
-        p = sub.add_parser(name, help=help_)
+        p = sub.add_parser(name, help=help_, epilog=config_sections(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _verbosity(p, argparse.SUPPRESS)
         p.add_argument("config", help="job config YAML, e.g. conf/user-data.yaml")
         p.add_argument("overrides", nargs="*", help="key=value, e.g. resources.num_gpus=0.25")
         if name != "discover":
             p.add_argument("--force", "--force-reduce", dest="force", action="store_true",
                            help="recompute reduce even if its inputs are unchanged")
     demo = sub.add_parser("demo", help="demo zoo + pipeline + paper-style table, all local")
+    _verbosity(demo, argparse.SUPPRESS)
     demo.add_argument("overrides", nargs="*", help="key=value overrides of conf/demo.yaml")
     demo.add_argument("--config", default=DEMO_CONF)
     demo.add_argument("--zoo-config", default=DEMO_ZOO_CONF)
@@ -148,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true", help="recompute reduce")
     man = sub.add_parser("manifest", help="scan checkpoints (timm training runs, hub folders, "
                                           "weights files) into a manifest")
+    _verbosity(man, argparse.SUPPRESS)
     man.add_argument("paths", nargs="+", metavar="PATH",
                      help="folders (searched recursively), files, or hf-hub:<org>/<name>")
     man.add_argument("-o", "--output", required=True, help="manifest to write (.csv/.parquet/.yaml)")
@@ -162,6 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     man.add_argument("--arch", help="timm architecture of plain weights files")
     man.add_argument("--arch-kwargs", help='JSON kwargs of --arch, e.g. \'{"img_size": 32}\'')
     man.set_defaults(overrides=[])
+    conf = sub.add_parser("config", help="show the resolved config (defaults, overrides)")
+    conf_sub = conf.add_subparsers(dest="config_command", required=True)
+    show = conf_sub.add_parser("show", help="print the config a command would run with",
+                               epilog=config_sections(),
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    _verbosity(show, argparse.SUPPRESS)
+    show.add_argument("config", help="a path, or a shipped config's name (demo, tiny, ...)")
+    show.add_argument("overrides", nargs="*", help="key=value, as for run")
     return parser
 
 
@@ -172,15 +261,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad:  # key=value given after an option lands here; anything else is a mistake
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     args.overrides = [*args.overrides, *extra]
+    logsetup.setup(logsetup.level_for(args.verbose - args.quiet))
     try:
         if args.command == "demo":
             return _demo(args)
         if args.command == "manifest":
             return _manifest_command(args)
+        if args.command == "config":
+            return _config_command(args)
         stages = {"discover": ["discover"], "reduce": ["reduce"]}.get(args.command)
         return _run(args, stages)
     except CircuitrayError as exc:
-        print(f"circuitray: error: {exc}", file=sys.stderr)
+        log.error(f"circuitray: error: {exc}")
         return 2
 
 

@@ -24,6 +24,8 @@ class DataConfig:
     """Which domains every checkpoint is run on, and how many examples each gets."""
 
     root: str | None = None  # data root for manifest rows without a data_root column
+    # CSV/Parquet of path,label,domain rows, instead of folders (circuitray/data/image_list.py)
+    image_list: str | None = None
     id_domain: str | None = None  # overrides the manifest's id_domain (reference circuit)
     ood_domains: list[str] = field(default_factory=list)  # empty: the manifest's ood_domain
     limit: int | None = 256  # examples per domain for the outputs table (None: all)
@@ -161,6 +163,12 @@ def check_job_config(cfg: JobConfig) -> JobConfig:
             if kind not in CORRUPTIONS:
                 raise ConfigError(f"config key '{key}[{i}]': unknown corruption '{kind}'; "
                                   f"known: {list(CORRUPTIONS)}")
+    if d.image_list is not None:
+        from circuitray.data.image_list import LIST_SUFFIXES, is_image_list
+
+        if not is_image_list(d.image_list):
+            raise ConfigError(f"config key 'data.image_list': {d.image_list!r} is not a "
+                              f"{'/'.join(sorted(LIST_SUFFIXES))} file")
     if (d.mean is None) != (d.std is None):
         raise ConfigError(f"config key 'data.{'std' if d.std is None else 'mean'}': data.mean "
                           "and data.std go together; give both or neither")
@@ -222,6 +230,7 @@ def load_job_config(path: str | Path | None, overrides: Sequence[str] = (), *,
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from exc
     data = dataclasses.replace(cfg.data, root=_absolute(cfg.data.root, base),
-                               class_map=_absolute(cfg.data.class_map, base))
+                               class_map=_absolute(cfg.data.class_map, base),
+                               image_list=_absolute(cfg.data.image_list, base))
     return dataclasses.replace(cfg, manifest=_absolute(cfg.manifest, base),
                                output_dir=output_dir, data=data)

@@ -14,10 +14,10 @@ the same job finds such runs and marks them KILLED.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
-import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -32,6 +32,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from circuitray.errors import CircuitrayError, OutputError, TrackingError, os_error_reason  # noqa: E402
 from circuitray.procinfo import ProcessId  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 _MAX_PARAMS = 100  # MLflow's per-batch limits
 _MAX_METRICS = 1000
@@ -147,16 +149,15 @@ def close_stale_runs(client: MlflowClient, experiment_id: str, job: str) -> list
                 continue  # not written by us: not ours to judge
             alive = owner.alive()
             if alive is None:
-                print(f"[tracking] run {run.info.run_id} of this job is RUNNING on host "
-                      f"{owner.host} (pid {owner.pid}); if that job is dead, end it with "
-                      f"MlflowClient().set_terminated('{run.info.run_id}', 'KILLED')",
-                      file=sys.stderr, flush=True)
+                log.warning(f"[tracking] run {run.info.run_id} of this job is RUNNING on host "
+                            f"{owner.host} (pid {owner.pid}); if that job is dead, end it with "
+                            f"MlflowClient().set_terminated('{run.info.run_id}', 'KILLED')")
         if alive is False:
             client.set_terminated(run.info.run_id, "KILLED")
             closed.append(run.info.run_id)
     if closed:
-        print(f"[tracking] marked {len(closed)} run(s) KILLED that a killed earlier run of "
-              f"this job left RUNNING", file=sys.stderr, flush=True)
+        log.warning(f"[tracking] marked {len(closed)} run(s) KILLED that a killed earlier run "
+                    f"of this job left RUNNING")
     return closed
 
 
@@ -250,8 +251,7 @@ def _terminate_quietly(client: MlflowClient, run_id: str, status: str) -> None:
     try:
         client.set_terminated(run_id, status)
     except Exception as exc:  # the original error is the one to report
-        print(f"[tracking] could not mark run {run_id} {status}: {exc}", file=sys.stderr,
-              flush=True)
+        log.warning(f"[tracking] could not mark run {run_id} {status}: {exc}")
 
 
 def log_job(*, tracking_uri: str, experiment: str, artifact_root: str | os.PathLike,

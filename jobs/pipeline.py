@@ -2,7 +2,8 @@
 
     ray job submit --working-dir . -- python jobs/pipeline.py conf/cluster.yaml [key=value ...]
 
-Same as `circuitray run` (it calls the CLI), so the two cannot drift apart.
+Same as `circuitray run` (it calls the CLI), so the two cannot drift apart: -v/-q work
+the same, and the progress lines land in the job log (`ray job logs <submission id>`).
 """
 
 import sys

@@ -20,6 +20,15 @@ def _seeded() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _log_to_stderr() -> None:
+    """Library log lines on stderr at INFO, as under the CLI (tests read them with capsys);
+    reset per test because a CLI test's -q/-v changes the level."""
+    from circuitray.log import setup
+
+    setup("INFO")
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """An embedded local Ray for one test module (the pipeline and freshness tests)."""

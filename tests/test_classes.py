@@ -166,6 +166,20 @@ def test_discover_honours_a_non_sorted_manifest_class_order(tmp_path: Path) -> N
     assert set(marker.class_source) == {"manifest column classes"}
 
 
+def test_discover_honours_a_non_sorted_class_map_file(tmp_path: Path) -> None:
+    path = tmp_path / "classes.txt"
+    path.write_text("1\n\n0\n")
+    _, cfg = _job(tmp_path, "data.limit=null", "data.attribution_limit=4",
+                  f"data.class_map={path}")
+    result = discover_checkpoint(manifest_rows(cfg)[0], cfg)
+    assert result["status"] == "done", result
+    layout = JobLayout.of(cfg.output_dir)
+    out = pq.read_table(layout.outputs_file("toy", "ckpt0", "ood")).to_pandas()
+    assert out.label.tolist() == [1] * 8 + [0] * 8  # data/ood/0/*.png first, now label 1
+    marker = pq.read_table(layout.marker("ckpt0")).to_pandas()
+    assert set(marker.class_source) == {f"class-map file {path}"}
+
+
 def test_discover_checks_the_class_count_against_the_head(tmp_path: Path) -> None:
     import pandas as pd
 

@@ -173,6 +173,10 @@ def test_ray_job_submit_on_loopback_cluster_writes_tables_and_mlflow_runs(tmp_pa
         status = JobSubmissionClient(address, headers=auth).get_job_status("tiny-job")
         assert status == JobStatus.SUCCEEDED, log[-4000:]
         assert "[plan] 3 checkpoints" in log  # the job's own output came back
+        progress = [ln for ln in log.splitlines() if "[discover] 3/3 done (100%)" in ln]
+        assert progress and "checkpoints/hour, ETA" in progress[-1], log[-4000:]
+        assert "1 failed" in progress[-1]  # the truncated checkpoint, counted as it finished
+        assert "[discover ckpt0]" not in log  # workers' per-domain lines are DEBUG
         listening = _listening(head.pid)
         assert len({pid for pid, *_ in listening}) >= 4, listening  # GCS, raylet, dashboard, ...
         exposed = [x for x in listening if not _is_loopback(x[2])]

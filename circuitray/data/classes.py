@@ -9,7 +9,13 @@ in this order:
    (`["dog", "cat"]`: dog is label 0), or a list in YAML/Parquet manifests;
 2. the text file the config key `data.class_map` names: one class name per line, in label
    order (blank lines are skipped);
-3. the sorted class folders of the checkpoint's ID domain.
+3. the sorted class folders of the checkpoint's ID domain (for an image list, see
+   `list_class_map`: "0".."n-1" for label indices, the sorted label names of the ID domain's
+   rows for class names).
+
+The data.class_map file is never guessed: no `classes.txt` beside the data is picked up by
+itself, so a stray file cannot relabel a task (for the reason the map never follows whichever
+folders happen to exist).
 
 Every domain a checkpoint is run on must hold only class folders of the map, none of them
 empty; the map must have as many classes as the model's head has outputs. The map used is
@@ -27,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from circuitray.data.image_list import is_image_list, read_image_list, rows_message
 from circuitray.data.listing import IMAGE_SUFFIXES
 from circuitray.errors import CheckpointError, DataError
 
@@ -134,39 +141,87 @@ def read_class_map_file(path: str | os.PathLike) -> ClassMap:
     return ClassMap(names, f"class-map file {path}")
 
 
+def _explicit_map(row: Mapping[str, Any], cfg_data: Any) -> ClassMap | None:
+    """The manifest's `classes` cell or the data.class_map file (they must agree), or None."""
+    cid = str(row.get("checkpoint_id", "?"))
+    listed = parse_class_list(row.get("classes"), f"manifest column 'classes' of checkpoint "
+                                                  f"'{cid}'")
+    from_file = getattr(cfg_data, "class_map", None)
+    file_map = read_class_map_file(from_file) if from_file else None
+    if listed is None:
+        return file_map
+    class_map = ClassMap(listed, "manifest column classes")
+    if file_map is not None and file_map.names != class_map.names:
+        raise DataError(from_file, f"class-map file lists {list(file_map.names)}, but the "
+                                   f"manifest column 'classes' of checkpoint '{cid}' lists "
+                                   f"{list(class_map.names)}; give one of them")
+    return class_map
+
+
+def _check_head(row: Mapping[str, Any], class_map: ClassMap) -> None:
+    expected = int(row["num_classes"])
+    if len(class_map) != expected:
+        raise CheckpointError(str(row.get("checkpoint_id", "?")), str(row.get("weights", "")),
+                              f"{len(class_map)} classes {list(class_map.names)} (from "
+                              f"{class_map.source}), but the model's head has {expected} "
+                              "outputs (manifest num_classes)")
+
+
 def resolve_class_map(row: Mapping[str, Any], cfg_data: Any, data_root: str | os.PathLike,
                       id_domain: str, domains: Iterable[str] = ()) -> ClassMap:
     """The class map of one checkpoint, validated against its data and its head.
 
     `cfg_data` is the job's DataConfig (its `class_map` key); `domains` are the other domain
     folders the checkpoint is run on (each must hold only known, non-empty class folders).
-    Raises DataError naming the folder or file, and CheckpointError when the map's size is not
-    the number of classes of the checkpoint.
+    When `data_root` is an image list, see `list_class_map`. Raises DataError naming the
+    folder or file, and CheckpointError when the map's size is not the number of classes of
+    the checkpoint.
     """
-    cid = str(row.get("checkpoint_id", "?"))
+    if is_image_list(data_root):
+        return list_class_map(row, cfg_data, data_root, id_domain, domains)
     root = Path(data_root)
-    listed = parse_class_list(row.get("classes"), f"manifest column 'classes' of checkpoint "
-                                                  f"'{cid}'")
-    from_file = getattr(cfg_data, "class_map", None)
-    file_map = read_class_map_file(from_file) if from_file else None
-    if listed is not None:
-        class_map = ClassMap(listed, "manifest column classes")
-        if file_map is not None and file_map.names != class_map.names:
-            raise DataError(from_file, f"class-map file lists {list(file_map.names)}, but the "
-                                       f"manifest column 'classes' of checkpoint '{cid}' lists "
-                                       f"{list(class_map.names)}; give one of them")
-    elif file_map is not None:
-        class_map = file_map
-    else:
-        class_map = folder_class_map(root / id_domain)
+    class_map = _explicit_map(row, cfg_data) or folder_class_map(root / id_domain)
     for domain in dict.fromkeys([id_domain, *domains]):
         check_domain(root / domain, class_map)
-    expected = int(row["num_classes"])
-    if len(class_map) != expected:
-        raise CheckpointError(cid, str(row.get("weights", "")),
-                              f"{len(class_map)} classes {list(class_map.names)} (from "
-                              f"{class_map.source}), but the model's head has {expected} "
-                              "outputs (manifest num_classes)")
+    _check_head(row, class_map)
+    return class_map
+
+
+def list_class_map(row: Mapping[str, Any], cfg_data: Any, source: str | os.PathLike,
+                   id_domain: str, domains: Iterable[str] = ()) -> ClassMap:
+    """The class map of a checkpoint whose domains are rows of an image list.
+
+    The manifest's `classes` or data.class_map when given; else, for label indices, "0".."n-1"
+    over the head's n outputs, and for class names the sorted distinct names of the ID
+    domain's rows. Every label of every domain run must then be in the map (a name) or
+    below the head's size (an index): the error names the list and the row.
+    """
+    image_list = read_image_list(source)
+    class_map = _explicit_map(row, cfg_data)
+    if class_map is None and image_list.indices:
+        class_map = ClassMap(tuple(str(k) for k in range(int(row["num_classes"]))),
+                             f"label indices of image list {image_list.source}")
+    elif class_map is None:
+        names = sorted({r.label for r in image_list.domain_rows(id_domain)
+                        if isinstance(r.label, str)})
+        if not names:
+            raise DataError(image_list.source, f"ID domain '{id_domain}' has no labelled rows, "
+                                               "so no classes; give them in the manifest column "
+                                               "'classes' or the config key data.class_map")
+        class_map = ClassMap(tuple(names), f"labels of ID domain '{id_domain}' in image list "
+                                           f"{image_list.source}")
+    _check_head(row, class_map)
+    bad = []
+    for domain in dict.fromkeys([id_domain, *domains]):
+        for r in image_list.domain_rows(domain):
+            if isinstance(r.label, int) and r.label >= len(class_map):
+                bad.append(f"row {r.row}: label index {r.label} is out of range for the "
+                           f"model's head ({len(class_map)} outputs: 0..{len(class_map) - 1})")
+            elif isinstance(r.label, str) and r.label not in class_map.names:
+                bad.append(f"row {r.row}: unknown label '{r.label}'; the class map is "
+                           f"{list(class_map.names)} (from {class_map.source})")
+    if bad:
+        raise DataError(image_list.source, rows_message(bad))
     return class_map
 
 

@@ -1,4 +1,4 @@
-"""Image domains a user brings: DomainBed-style folders and Parquet image tables.
+"""Image domains a user brings: DomainBed-style folders, image lists and Parquet image tables.
 
 Every dataset yields ``(image, label, domain)`` with label −1 for unlabeled images. Images go
 through an `ImageTransform` in two steps — `to_unit` (decode, resize/crop to the model's
@@ -23,6 +23,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from circuitray.data.classes import ClassMap, as_names, class_folders, is_image
+from circuitray.data.image_list import is_image_list, read_image_list
 from circuitray.errors import DataError
 
 UNLABELED = -1
@@ -169,6 +170,56 @@ class DomainFolderDataset(_ImageDataset):
     def _load(self, index: int) -> tuple[Image.Image, int, str]:
         path, label = self.samples[index]
         return _decode(path, str(path)), label, self.domain
+
+
+class ImageListDataset(_ImageDataset):
+    """One domain of an image list (`circuitray.data.image_list`): its rows in file order.
+
+    Labels: a class name indexes `classes`, an integer is the index itself, an empty cell is
+    −1. A label outside `classes` is an error naming the list and the row (discover checks
+    them all before any model runs; this check guards direct use).
+    """
+
+    def __init__(self, source: str | os.PathLike, domain: str,
+                 transform: ImageTransform | None = None, *,
+                 classes: ClassMap | Sequence[str]):
+        self.image_list = read_image_list(source)
+        self.domain, self.transform = domain, transform
+        self.classes = as_names(classes)
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.rows = self.image_list.domain_rows(domain)
+        self.samples: list[tuple[Path, int]] = []
+        for r in self.rows:
+            if r.label is None:
+                label = UNLABELED
+            elif isinstance(r.label, str):
+                if r.label not in index:
+                    raise DataError(self.image_list.where(r), f"unknown label '{r.label}'; "
+                                                              f"classes are {self.classes}")
+                label = index[r.label]
+            elif r.label >= len(self.classes):
+                raise DataError(self.image_list.where(r), f"label index {r.label} is out of "
+                                                          f"range for {len(self.classes)} classes")
+            else:
+                label = r.label
+            self.samples.append((r.file, label))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, index: int) -> tuple[Image.Image, int, str]:
+        path, label = self.samples[index]
+        where = f"{self.image_list.where(self.rows[index])} ({self.rows[index].path})"
+        return _decode(path, where), label, self.domain
+
+
+def open_domain(root: str | os.PathLike, domain: str, transform: ImageTransform | None = None,
+                *, classes: ClassMap | Sequence[str]) -> _ImageDataset:
+    """A job's base dataset for one domain: the domain's rows when `root` is an image list
+    (.csv/.parquet), else the DomainBed folder root/domain."""
+    if is_image_list(root):
+        return ImageListDataset(root, domain, transform, classes=classes)
+    return DomainFolderDataset(root, domain, transform, classes=classes)
 
 
 class ParquetImageDataset(_ImageDataset):

@@ -1,5 +1,8 @@
 """What a domain folder holds (names, sizes, mtimes) and whether every image in it decodes.
 
+A domain of an image list (`circuitray.data.image_list`, a .csv/.parquet source instead of a
+root folder) has the same interface: its rows with their files' sizes and mtimes.
+
 The listing's digest is part of every fingerprint that reads the domain, so adding, removing
 or rewriting an image makes exactly the affected domains stale. Validation decodes each image
 once per listing, before any checkpoint task starts, so one unreadable file is reported once,
@@ -10,12 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from circuitray.data.image_list import ListedDomain, is_image_list, list_listed_domain
 from circuitray.errors import DataError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -39,9 +45,18 @@ class Listing:
         return [self.folder / rel for rel, _, _ in self.files
                 if Path(rel).suffix.lower() in IMAGE_SUFFIXES]
 
+    def describe(self, path: Path) -> str:
+        """How a message names one image of the listing."""
+        return str(path)
 
-def list_domain(root: str | os.PathLike, domain: str) -> Listing:
-    """List root/domain recursively (hidden files and folders skipped), or raise naming it."""
+
+def list_domain(root: str | os.PathLike, domain: str) -> Listing | ListedDomain:
+    """List root/domain recursively (hidden files and folders skipped), or raise naming it.
+
+    When `root` is an image list (.csv/.parquet), the domain's rows of that list instead.
+    """
+    if is_image_list(root):
+        return list_listed_domain(root, domain)
     folder = Path(root) / domain
     if not folder.is_dir():
         have = sorted(p.name for p in Path(root).iterdir() if p.is_dir()
@@ -59,8 +74,8 @@ def list_domain(root: str | os.PathLike, domain: str) -> Listing:
     return Listing(folder, tuple(sorted(files)))
 
 
-def unreadable_images(listing: Listing) -> list[str]:
-    """'path: reason' for every image of the listing that does not fully decode."""
+def _undecodable(listing: Listing | ListedDomain) -> list[tuple[str, str]]:
+    """(path, reason) for every image of the listing that does not fully decode."""
     from PIL import Image
 
     bad = []
@@ -69,24 +84,36 @@ def unreadable_images(listing: Listing) -> list[str]:
             with Image.open(path) as img:
                 img.load()
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ...
-            bad.append(f"{path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            bad.append((str(path), str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
     return bad
 
 
-def validate_listing(listing: Listing, cache_dir: Path | None = None) -> list[str]:
-    """`unreadable_images`, remembered per listing digest so a re-run does not decode again."""
+def unreadable_images(listing: Listing | ListedDomain) -> list[str]:
+    """'path: reason' ('list row N (path): reason' for an image list) for every image of the
+    listing that does not fully decode."""
+    return [f"{listing.describe(Path(p))}: {why}" for p, why in _undecodable(listing)]
+
+
+def validate_listing(listing: Listing | ListedDomain, cache_dir: Path | None = None) -> list[str]:
+    """`unreadable_images`, remembered per listing digest so a re-run does not decode again.
+
+    The cache keeps paths, not messages: a list row's number can move (rows of another
+    domain inserted above) without changing this domain's digest.
+    """
     cache = cache_dir / f"images-{listing.digest}.json" if cache_dir is not None else None
+    bad = None
     if cache is not None and cache.is_file():
         try:
-            return list(json.loads(cache.read_text())["unreadable"])
-        except (ValueError, KeyError):
-            pass  # a damaged cache entry is recomputed
-    print(f"[plan] decoding {len(listing.images)} images of {listing.folder} once "
-          "(remembered for this listing)", file=sys.stderr, flush=True)
-    bad = unreadable_images(listing)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"folder": str(listing.folder), "unreadable": bad}))
-        os.replace(tmp, cache)
-    return bad
+            bad = [(str(p), str(why)) for p, why in json.loads(cache.read_text())["bad"]]
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged (or older) cache entry is recomputed
+    if bad is None:
+        log.info(f"[plan] decoding {len(listing.images)} images of {listing.folder} once "
+                 "(remembered for this listing)")
+        bad = _undecodable(listing)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"folder": str(listing.folder), "bad": bad}))
+            os.replace(tmp, cache)
+    return [f"{listing.describe(Path(p))}: {why}" for p, why in bad]

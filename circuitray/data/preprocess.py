@@ -19,8 +19,8 @@ checkpoint (completion marker, MLflow child run).
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +28,8 @@ import torch
 
 from circuitray.data.datasets import INTERPOLATIONS, ImageTransform
 from circuitray.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 MANIFEST_SOURCE = "manifest columns mean, std"
 CONFIG_SOURCE = "config data.mean, data.std"
@@ -104,7 +106,7 @@ def _check(fields: Mapping[str, Any], source: str, cid: str, weights: str) -> di
 
 
 def _notice(cid: str, text: str) -> None:
-    print(f"[circuitray] checkpoint '{cid}': {text}", file=sys.stderr, flush=True)
+    log.info(f"[circuitray] checkpoint '{cid}': {text}")
 
 
 def resolve_preprocessing(row: Mapping[str, Any], model: torch.nn.Module, cfg_data: Any,

@@ -25,6 +25,7 @@ grows; `glass_blur`, `frost` and `pixelate` are not strictly monotone on sharp i
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -444,13 +445,12 @@ def frost_source() -> Literal["photos", "procedural"]:
     global _NOTICE_GIVEN
     folder = _frost_dir()
     if not _NOTICE_GIVEN:
-        import sys
-
         _NOTICE_GIVEN = True
         if folder is None:
-            print("circuitray: frost uses a procedural texture (imagecorruptions is not "
-                  "installed; pip install imagecorruptions==1.1.2 --no-deps for the "
-                  "reference's photographs)", file=sys.stderr)
+            logging.getLogger(__name__).info(
+                "circuitray: frost uses a procedural texture (imagecorruptions is not "
+                "installed; pip install imagecorruptions==1.1.2 --no-deps for the "
+                "reference's photographs)")
     return "procedural" if folder is None else "photos"
 
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
-import sys
 import time
 import traceback
 from collections.abc import Iterable, Mapping
@@ -50,6 +50,8 @@ from circuitray.tables import (
     OUTPUT_SCHEMA,
     write_parquet_atomic,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,14 +103,14 @@ def _loaders(spec: DomainSpec, root: str, transform: Any, cfg: JobConfig,
     outputs' permutation); the outputs order is unchanged.
     """
     from circuitray.data.datasets import (
-        DomainFolderDataset,
         RememberedItems,
         make_loader,
+        open_domain,
         subset_indices,
     )
 
     d = cfg.data
-    base = DomainFolderDataset(root, spec.source, transform=transform, classes=classes)
+    base = open_domain(root, spec.source, transform=transform, classes=classes)
     data = base
     if spec.kind is not None:
         from circuitray.data.shifts import ShiftedDataset
@@ -226,16 +228,22 @@ def _weights_identity(plan: CheckpointPlan) -> dict[str, Any]:
 
 
 def discover_checkpoint(row: Mapping[str, Any], cfg: JobConfig,
-                        plan: CheckpointPlan | None = None) -> dict[str, Any]:
+                        plan: CheckpointPlan | None = None, *,
+                        log_level: int | None = None) -> dict[str, Any]:
     """Every planned domain of one checkpoint; runs inside a Ray task (or inline in tests).
 
     Domains the plan found complete are kept as they are, domains a killed attempt already
     wrote for the same fingerprint are resumed, the rest are computed; then the marker is
     rewritten with one row per planned domain. Returns {"checkpoint", "status": "done" |
     "skipped" | "failed", "seconds", "computed", and for a failure "stage", "error_type",
-    "error"}; never raises for a checkpoint's own errors.
+    "error"}; never raises for a checkpoint's own errors. `log_level`: the driver's, set in
+    this worker process (per-domain lines are DEBUG).
     """
     import torch
+
+    from circuitray.log import setup_worker
+
+    setup_worker(log_level)
 
     torch.set_num_threads(cfg.resources.torch_threads)
     layout = JobLayout.of(cfg.output_dir)
@@ -290,9 +298,8 @@ def discover_checkpoint(row: Mapping[str, Any], cfg: JobConfig,
             rows.append({**_run_domain(model, dom, row, root, transform, cfg, layout, device,
                                        classes), **identity, **recorded})
             computed += not rows[-1]["resumed"]
-            print(f"[discover {cid}] {dom.spec.name}: {rows[-1]['n_examples']} examples, "
-                  f"{rows[-1]['seconds']:.1f}s{' (resumed)' if rows[-1]['resumed'] else ''}",
-                  file=sys.stderr, flush=True)
+            log.debug(f"[discover {cid}] {dom.spec.name}: {rows[-1]['n_examples']} examples, "
+                      f"{rows[-1]['seconds']:.1f}s{' (resumed)' if rows[-1]['resumed'] else ''}")
         try:
             write_parquet_atomic(pa.Table.from_pylist(rows, schema=DOMAIN_SCHEMA),
                                  layout.marker(cid))
@@ -354,8 +361,7 @@ def _check_gpus(num_gpus: float, local: bool) -> None:
         from circuitray.errors import ConfigError
 
         raise ConfigError(msg + "; use resources.num_gpus=0 on a machine without a GPU")
-    print(f"[discover] WARNING {msg}; tasks wait until GPU nodes join", file=sys.stderr,
-          flush=True)
+    log.warning(f"[discover] WARNING {msg}; tasks wait until GPU nodes join")
 
 
 def run_discover(cfg: JobConfig, rows: Iterable[Mapping[str, Any]] | None = None
@@ -363,13 +369,14 @@ def run_discover(cfg: JobConfig, rows: Iterable[Mapping[str, Any]] | None = None
     """Plan, print what will be recomputed and why, then one Ray task per checkpoint to run."""
     import ray
 
+    from circuitray.log import current_level
     from circuitray.runtime.ray_utils import ensure_ray, iter_completed
 
     start = time.perf_counter()
     layout = JobLayout.of(cfg.output_dir)
     plan = plan_job(cfg, rows)
     for line in plan.summary():
-        print(f"[plan] {line}", file=sys.stderr, flush=True)
+        log.info(f"[plan] {line}")
     summary = DiscoverSummary()
     todo = []
     for cp in plan.checkpoints:
@@ -386,16 +393,18 @@ def run_discover(cfg: JobConfig, rows: Iterable[Mapping[str, Any]] | None = None
         task = ray.remote(num_cpus=r.num_cpus, num_gpus=r.num_gpus,
                           max_retries=r.max_retries)(discover_checkpoint)
         cfg_ref = ray.put(cfg)
-        refs = [task.remote(cp.row, cfg_ref, cp) for cp in todo]
-        for _, result in iter_completed(refs, "discover"):
+        level = current_level()
+        refs = [task.remote(cp.row, cfg_ref, cp, log_level=level) for cp in todo]
+        for _, result in iter_completed(refs, "discover", unit="checkpoints",
+                                        failed=lambda res: res["status"] == "failed"):
             _stop_if_unwritable(refs, result, layout)
             record_result(layout, result)
             {"done": summary.done, "skipped": summary.skipped,
              "failed": summary.failed}[result["status"]].append(result["checkpoint"])
             summary.computed += result.get("computed", 0)
             if result["status"] == "failed":
-                print(f"[discover] FAILED {result['checkpoint']} at {result['stage']}: "
-                      f"{result['error'].splitlines()[0]}", file=sys.stderr, flush=True)
+                log.warning(f"[discover] FAILED {result['checkpoint']} at {result['stage']}: "
+                            f"{result['error'].splitlines()[0]}")
     summary.seconds = time.perf_counter() - start
-    print(str(summary), file=sys.stderr, flush=True)
+    log.info(str(summary))
     return summary

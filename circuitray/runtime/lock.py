@@ -12,8 +12,8 @@ says how to remove it.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -24,6 +24,8 @@ from typing import TextIO
 
 from circuitray.errors import JobLockedError, OutputError
 from circuitray.procinfo import ProcessId
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 _TAKEOVER_NAME = ".lock.takeover"
@@ -115,7 +117,10 @@ class JobLock:
     # ------------------------------------------------------------------ internals
 
     def _say(self, text: str) -> None:
-        print(f"[circuitray] {text}", file=self.stream or sys.stderr, flush=True)
+        if self.stream is not None:  # a test's or caller's own stream
+            print(f"[circuitray] {text}", file=self.stream, flush=True)
+        else:
+            log.warning(f"[circuitray] {text}")
 
     def _create(self, holder: LockHolder) -> bool:
         """Write the lock exclusively; False if it exists. Errors of the folder name it."""

@@ -8,13 +8,15 @@ into the driver's throwaway working directory.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-import sys
 import uuid
 from pathlib import Path
 
 from circuitray.errors import OutputError
+
+log = logging.getLogger(__name__)
 
 LOW_SPACE_BYTES = 256 * 2**20  # below this a warning is printed; a full disk fails on write
 
@@ -68,7 +70,6 @@ def check_output_dir(path: str | os.PathLike) -> Path:
             pass
     free = shutil.disk_usage(root).free
     if free < LOW_SPACE_BYTES:
-        print(f"[circuitray] WARNING {root}: only {free / 2**20:.0f} MiB free; a full disk "
-              "stops the job (re-run after freeing space to resume)", file=sys.stderr,
-              flush=True)
+        log.warning(f"[circuitray] WARNING {root}: only {free / 2**20:.0f} MiB free; a full "
+                    "disk stops the job (re-run after freeing space to resume)")
     return root

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import signal
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +26,8 @@ from circuitray.runtime.layout import JobLayout
 from circuitray.runtime.lock import JobLock
 from circuitray.runtime.outputdir import check_output_dir
 from circuitray.runtime.reduce import ReduceResult, run_reduce
+
+log = logging.getLogger(__name__)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -52,8 +54,7 @@ def run_pipeline(cfg: JobConfig, *, force_reduce: bool = False) -> PipelineResul
         try:
             write_text_atomic(layout.root / "config.yaml",
                                yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            print(f"[circuitray] job '{cfg.name}': manifest {cfg.manifest} -> {layout.root}",
-                  file=sys.stderr, flush=True)
+            log.info(f"[circuitray] job '{cfg.name}': manifest {cfg.manifest} -> {layout.root}")
             # an unwritable output folder met mid-discover raises OutputError there
             disc = run_discover(cfg) if "discover" in cfg.stages else None
             red = run_reduce(cfg, force=force_reduce) if "reduce" in cfg.stages else None

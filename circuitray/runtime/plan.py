@@ -39,8 +39,9 @@ from circuitray.tables import FAILURE_SCHEMA, read_parquet_or_empty
 MODEL_COLUMNS = ("arch", "arch_kwargs", "num_classes", "classes", "mean", "std", "input_size",
                  "interpolation", "crop_pct", "weights_key")
 # data.* keys that choose WHICH domains run (each domain's own spec covers them), not how.
-_DOMAIN_SELECTION = {"root", "id_domain", "ood_domains", "shift_kinds", "shift_severities",
-                     "proxy_kinds", "proxy_severities"}
+# An image list counts by each domain's rows (its listing digest), not by the whole file.
+_DOMAIN_SELECTION = {"root", "image_list", "id_domain", "ood_domains", "shift_kinds",
+                     "shift_severities", "proxy_kinds", "proxy_severities"}
 _ATTRIBUTION_EXECUTION = {"device"}  # where it runs, not what it computes
 FINGERPRINT_FORMAT = 1
 
@@ -108,11 +109,12 @@ def domain_specs(row: Mapping[str, Any], cfg: JobConfig) -> list[DomainSpec]:
 
 
 def data_root(row: Mapping[str, Any], cfg: JobConfig) -> str:
-    """The row's data_root column, else data.root, else an error naming the checkpoint."""
-    root = row.get("data_root") or cfg.data.root
+    """Where a checkpoint's domains live: the image list data.image_list when set (domains are
+    its `domain` values), else the row's data_root column, else data.root, else an error."""
+    root = cfg.data.image_list or row.get("data_root") or cfg.data.root
     if not root:
         raise DataError(cfg.manifest, f"checkpoint '{row['checkpoint_id']}' has no data_root "
-                                      "(manifest column or data.root)")
+                                      "(manifest column, data.root or data.image_list)")
     return str(root)
 
 

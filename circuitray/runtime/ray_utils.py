@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
 import ray
+
+from circuitray.log import current_level
+from circuitray.progress import Progress
+
+log = logging.getLogger(__name__)
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -24,37 +28,35 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                 if k in os.environ}
     runtime_env = {"env_vars": env_vars} if env_vars else None
     address = address or os.environ.get("RAY_ADDRESS")
+    ray_level = max(logging.INFO, current_level())  # -q: no "Started a local Ray instance"
     if address and address != "local":
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True,
+                 logging_level=ray_level)
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 runtime_env=runtime_env, log_to_driver=True)
+                 runtime_env=runtime_env, log_to_driver=True, logging_level=ray_level)
 
 
-def _fmt_seconds(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-def iter_completed(refs: Sequence[ray.ObjectRef], label: str,
-                   stream: TextIO | None = None) -> Iterator[tuple[int, Any]]:
-    """Yield (index, result) as tasks finish, printing `label: done/total, elapsed, ETA`.
+def iter_completed(refs: Sequence[ray.ObjectRef], label: str, stream: TextIO | None = None,
+                   *, unit: str = "tasks", failed: Callable[[Any], bool] | None = None
+                   ) -> Iterator[tuple[int, Any]]:
+    """Yield (index, result) as tasks finish, with a progress line every few seconds or 5%
+    (`circuitray.progress`): done/total, `unit`s per hour, ETA, and how many results
+    `failed` says are failures. Lines go to `stream` if given, else to this module's logger.
 
     Exceptions raised by a task propagate from here; callers that must go on past a
     failed task catch inside the task and return the error as data.
     """
-    stream = stream or sys.stderr
     index = {ref: i for i, ref in enumerate(refs)}
     pending = list(refs)
-    total, done, start = len(refs), 0, time.monotonic()
+    progress = Progress(label, len(refs), unit=unit)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         for ref in ready:
-            done += 1
-            elapsed = time.monotonic() - start
-            eta = elapsed / done * (total - done)
-            print(f"[{label}] {done}/{total} done, {_fmt_seconds(elapsed)} elapsed, "
-                  f"ETA {_fmt_seconds(eta)}", file=stream, flush=True)
-            yield index[ref], ray.get(ref)
+            result = ray.get(ref)
+            line = progress.update(failed=bool(failed is not None and failed(result)))
+            if line is not None and stream is not None:
+                print(line, file=stream, flush=True)
+            elif line is not None:
+                log.info(line)
+            yield index[ref], result

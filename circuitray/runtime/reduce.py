@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import sys
 import time
 import traceback
@@ -59,6 +60,8 @@ from circuitray.runtime.plan import (
     read_failures,
 )
 from circuitray.tables import FAILURE_SCHEMA, read_parquet, write_parquet_atomic
+
+log = logging.getLogger(__name__)
 
 KEYS = ["task", "checkpoint", "domain"]
 REPORT_NAME = "report.txt"  # under evaluation/: the printed report of the last reduce
@@ -424,8 +427,8 @@ def _per_checkpoint(layout: JobLayout, domains: pd.DataFrame, cfg: JobConfig
         for i, a in enumerate(args):
             results[i] = checkpoint_metrics(a, cfg.reduce, plugins=plugins)
             if (i + 1) % 25 == 0 or i + 1 == len(args):
-                print(f"[reduce] metrics {i + 1}/{len(args)} checkpoints, "
-                      f"{time.monotonic() - start:.0f}s", file=sys.stderr, flush=True)
+                log.info(f"[reduce] metrics {i + 1}/{len(args)} checkpoints, "
+                         f"{time.monotonic() - start:.0f}s")
     out = {}
     for k in (*_parts(), "failures"):
         parts = [res[k] for res in results if k in res and not res[k].empty]
@@ -444,8 +447,8 @@ def write_reduce_failures(layout: JobLayout, failures: pd.DataFrame) -> None:
         keep.add(write_parquet_atomic(rows.reset_index(drop=True),
                                       layout.reduce_failure_file(str(cid)), FAILURE_SCHEMA))
         first = rows["error"].iloc[0].splitlines()[0]
-        print(f"[reduce] {cid}: {len(rows)} metric failure(s), NaN in metrics/ with a reason; "
-              f"first: {first}", file=sys.stderr, flush=True)
+        log.warning(f"[reduce] {cid}: {len(rows)} metric failure(s), NaN in metrics/ with a "
+                    f"reason; first: {first}")
     folder = layout.reduce_failure_file("-").parent
     for old in folder.glob("*.parquet") if folder.is_dir() else []:
         if old not in keep:
@@ -537,7 +540,7 @@ def _model_frame(frame: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
 
 def _note(notes: list[str], message: str) -> None:
     notes.append(message)
-    print(f"[reduce] {message}", file=sys.stderr, flush=True)
+    log.info(f"[reduce] {message}")  # the report carries the notes too
 
 
 def _safe(fn: Any, notes: list[str], what: str) -> Any:
@@ -915,8 +918,7 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
     check_ready(plan, failed)
     fp = fingerprint(plan, cfg, failed)
     if not force and stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fp:
-        print("[reduce] up to date: inputs and config unchanged, nothing recomputed",
-              file=sys.stderr, flush=True)
+        log.info("[reduce] up to date: inputs and config unchanged, nothing recomputed")
         return ReduceResult(skipped=True, run_id=json.loads(stamp.read_text()).get("run_id"))
     domains = domains_frame(plan)
     if domains.empty:
@@ -973,6 +975,6 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
     write_text_atomic(stamp, json.dumps({"fingerprint": fp, "run_id": result.run_id,
                                          "notes": result.notes, "seconds": result.seconds},
                                         indent=1))
-    print(f"[reduce] {summary['checkpoints_complete']} checkpoints, {len(result.tables)} tables, "
-          f"{len(result.figures)} figures in {result.seconds:.1f}s", file=sys.stderr, flush=True)
+    log.info(f"[reduce] {summary['checkpoints_complete']} checkpoints, {len(result.tables)} "
+             f"tables, {len(result.figures)} figures in {result.seconds:.1f}s")
     return result

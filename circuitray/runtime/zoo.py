@@ -16,11 +16,12 @@ Relative paths in the manifests (weights, data_root) are relative to `out_dir`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
-import sys
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ from circuitray.training import (
     read_record,
     train_one,
 )
+
+log = logging.getLogger(__name__)
 
 
 def prepare_data(config: ZooConfig) -> dict[str, Path]:
@@ -118,7 +121,8 @@ def train_zoo(config: ZooConfig, out_dir: str | os.PathLike, *, reuse: bool = Tr
     (tests, debugging). A configuration that fails is recorded in failures.parquet and the
     others go on.
     """
-    stream = stream or sys.stderr
+    # a caller's stream (tests) gets the lines as they were printed, else the logger
+    say = partial(print, file=stream, flush=True) if stream is not None else log.info
     out = Path(out_dir).resolve()  # Ray workers need paths that do not depend on their cwd
     out.mkdir(parents=True, exist_ok=True)
     (out / "zoo_config.json").write_text(pd.Series(to_dict(config)).to_json(indent=1))
@@ -134,8 +138,8 @@ def train_zoo(config: ZooConfig, out_dir: str | os.PathLike, *, reuse: bool = Tr
             records[spec["checkpoint_id"]] = rec
         else:
             todo.append(spec)
-    print(f"[train_zoo] {len(specs)} configurations: {len(records)} reused, "
-          f"{len(todo)} to train -> {out}", file=stream, flush=True)
+    say(f"[train_zoo] {len(specs)} configurations: {len(records)} reused, "
+        f"{len(todo)} to train -> {out}")
     args = [(spec, str(dirs[spec["task"]]), str(out)) for spec in todo]
     start = time.monotonic()
     if executor == "ray" and todo:
@@ -146,7 +150,8 @@ def train_zoo(config: ZooConfig, out_dir: str | os.PathLike, *, reuse: bool = Tr
         ensure_ray(num_cpus=config.num_cpus)
         remote = ray.remote(num_cpus=config.threads_per_task, max_retries=1)(train_one)
         refs = [remote.remote(*a) for a in args]
-        results = ((i, rec) for i, rec in iter_completed(refs, "train_zoo", stream))
+        results = ((i, rec) for i, rec in iter_completed(
+            refs, "train_zoo", stream, unit="models", failed=lambda r: bool(r.get("error"))))
     elif executor == "inline":
         results = ((i, train_one(*a)) for i, a in enumerate(args))
     elif todo:
@@ -159,12 +164,12 @@ def train_zoo(config: ZooConfig, out_dir: str | os.PathLike, *, reuse: bool = Tr
         if rec.get("error"):
             failures.append({"checkpoint": cid, "stage": "train",
                              "error_type": rec["error"].split(":", 1)[0], "error": rec["error"]})
-            print(f"[train_zoo] FAILED {cid}: {rec['error']}", file=stream, flush=True)
+            say(f"[train_zoo] FAILED {cid}: {rec['error']}")
             continue
         records[cid] = rec
         final = rec["rows"][-1]
-        print(f"[train_zoo] {cid}: id_acc {final['id_acc']:.3f} ood_acc {final['ood_acc']:.3f} "
-              f"({final['train_seconds']:.0f}s)", file=stream, flush=True)
+        say(f"[train_zoo] {cid}: id_acc {final['id_acc']:.3f} ood_acc {final['ood_acc']:.3f} "
+            f"({final['train_seconds']:.0f}s)")
     if failures:
         write_parquet_atomic(pd.DataFrame(failures), out / "failures.parquet", FAILURE_SCHEMA)
     elif (out / "failures.parquet").exists():
@@ -185,7 +190,6 @@ def train_zoo(config: ZooConfig, out_dir: str | os.PathLike, *, reuse: bool = Tr
            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if todo or not (out / "zoo_run.json").exists():  # a pure reuse keeps the training run's
         (out / "zoo_run.json").write_text(json.dumps(run, indent=1))
-    print(f"[train_zoo] done in {wall:.0f}s: {len(finals)} models, "
-          f"{len(table)} checkpoints, {len(failures)} failed\n{_summary(finals)}",
-          file=stream, flush=True)
+    say(f"[train_zoo] done in {wall:.0f}s: {len(finals)} models, "
+        f"{len(table)} checkpoints, {len(failures)} failed\n{_summary(finals)}")
     return out / "manifest.csv"
