@@ -21,6 +21,7 @@ import os
 import statistics
 import time
 import uuid
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,8 @@ def prepare_data(config: ZooConfig) -> dict[str, Path]:
 
 
 def prepare_backbones(config: ZooConfig, specs: list[dict[str, Any]], out: Path,
-                      data_dir: Path | None, *, reuse: bool, executor: str, stream) -> None:
+                      data_dir: Path | None, *, reuse: bool, executor: str,
+                      say: Callable[[str], Any]) -> None:
     """Pretrain (or reuse) the backbone of every depth a fine-tune needs; write backbone.csv
     and each backbone's curve. Fails loudly: no fine-tune can start without its backbone."""
     depths = sorted({s["depth"] for s in specs if s.get("init")})
@@ -71,8 +73,7 @@ def prepare_backbones(config: ZooConfig, specs: list[dict[str, Any]], out: Path,
         spec = backbone_spec(config, depth)
         record = read_backbone(out, spec) if reuse else None
         if record is None:
-            print(f"[train_zoo] pretraining {spec['checkpoint_id']} ({spec['epochs']} epochs)",
-                  file=stream, flush=True)
+            say(f"[train_zoo] pretraining {spec['checkpoint_id']} ({spec['epochs']} epochs)")
             if executor == "ray":
                 import ray
 
@@ -85,10 +86,10 @@ def prepare_backbones(config: ZooConfig, specs: list[dict[str, Any]], out: Path,
             else:
                 record = pretrain_backbone(spec, data_dir, out)
             last = record["curve"][-1]
-            print(f"[train_zoo] {spec['checkpoint_id']}: val_acc {last['val_acc']:.3f} "
-                  f"({last['seconds']:.0f}s)", file=stream, flush=True)
+            say(f"[train_zoo] {spec['checkpoint_id']}: val_acc {last['val_acc']:.3f} "
+                f"({last['seconds']:.0f}s)")
         else:
-            print(f"[train_zoo] {spec['checkpoint_id']}: reused", file=stream, flush=True)
+            say(f"[train_zoo] {spec['checkpoint_id']}: reused")
         _write_csv_atomic(pd.DataFrame(record["curve"]),
                           out / "backbone" / f"{spec['checkpoint_id']}.curve.csv")
         rows.append(record["row"])
@@ -129,7 +130,7 @@ def train_zoo(config: ZooConfig, out_dir: str | os.PathLike, *, reuse: bool = Tr
     specs = expand_grid(config)  # config errors before any data is generated
     dirs = prepare_data(config)
     prepare_backbones(config, specs, out, dirs.get(PRETRAIN_TASK), reuse=reuse,
-                      executor=executor, stream=stream)
+                      executor=executor, say=say)
     records: dict[str, dict[str, Any]] = {}
     todo = []
     for spec in specs:
