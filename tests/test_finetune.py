@@ -143,7 +143,7 @@ def test_demo_zoo_is_48_fine_tunes_per_task_over_every_regime() -> None:
     by_task: dict[str, list[dict]] = {}
     for s in specs:
         by_task.setdefault(s["task"], []).append(s)
-    assert set(by_task) == {"shapes-style", "digits-background"}
+    assert set(by_task) == {"digits-background", "digits-patch"}
     for task_specs in by_task.values():
         assert len(task_specs) >= 48
         regimes = [s["regime"] for s in task_specs]
@@ -154,6 +154,7 @@ def test_demo_zoo_is_48_fine_tunes_per_task_over_every_regime() -> None:
         assert len({s["lr"] for s in task_specs}) >= 3
         assert any(s["intermediate"] for s in task_specs)
         assert len({s["init"] for s in task_specs}) == 1
+        assert len({s["rho"] for s in task_specs}) >= 3
     assert len({s["checkpoint_id"] for s in specs}) == len(specs)
 
 

@@ -16,7 +16,7 @@ from circuitray.runtime.zoo import train_zoo
 from circuitray.training import ZooConfig, expand_grid
 
 TINY = Path(__file__).resolve().parents[1] / "conf" / "zoo-tiny.yaml"
-DEMO = Path(__file__).resolve().parents[1] / "conf" / "zoo-demo.yaml"
+SCRATCH = Path(__file__).resolve().parents[1] / "conf" / "zoo-scratch.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,8 @@ def test_failed_configuration_is_recorded_and_others_go_on(tmp_path, data_root) 
     assert sorted(finals["lr"]) == [0.001, 0.002]
 
 
-def test_demo_config_is_a_real_zoo_over_both_cue_kinds() -> None:
-    config = load_config(ZooConfig, DEMO)
+def test_scratch_config_is_a_real_zoo_over_both_cue_kinds() -> None:
+    config = load_config(ZooConfig, SCRATCH)
     specs = expand_grid(config)
     assert len(specs) >= 24
     assert {s["task"] for s in specs} == {"digits-background", "digits-patch"}

@@ -19,10 +19,13 @@ Tasks (see README, "Data, shifts and the demo zoo"):
   solid, outline and noisy; ``ood`` is the held-out striped style; ``style-<name>`` domains hold
   fresh test images of each training style.
 - ``pretrain-mix``: the backbone's corpus (``train`` and ``val``), 16 classes: the ten digits
-  in a plain style (a dark stroke of random colour on a grey background: no colour cue, and
-  never the coloured backgrounds or patches of the digit tasks) drawn from the digit tasks'
-  training digits only, and the six shapes in the three training styles (never striped). No
-  downstream task's held-out style or held-out digit is in it.
+  in a plain style (a dark stroke on a background of any colour, hue, saturation and value
+  drawn at random: colour says nothing about the label, and there is no cue patch) drawn
+  from the digit tasks' training digits only, and the six shapes in the three training
+  styles (never striped). No downstream task's held-out digit or held-out style is in it.
+  (A first version drew plain digits on grey only: fine-tunes on coloured backgrounds then
+  sat at chance out of distribution, even linear probes, since the backbone had never seen
+  a coloured background; pretrained models users evaluate have seen every colour.)
 
 A task directory is complete when ``task.json`` lists a domain; each domain is written to a
 temporary folder and renamed, so a crash never leaves a half-written domain that looks done.
@@ -120,10 +123,11 @@ def _render_digits(kind: str, digits: np.ndarray, cues: np.ndarray,
     colour = palette[cues] + rng.normal(0, 0.03, (n, 3)).astype(np.float32)
     alpha = _digit_alpha(digits)[..., None]
     stroke = rng.uniform(0.0, 0.15, (n, 1, 1, 1)).astype(np.float32)
-    if kind == "plain":  # the pretraining style: coloured stroke, grey background, no cue
-        bg = np.broadcast_to(rng.uniform(0.5, 0.95, (n, 1, 1, 1)).astype(np.float32),
-                             (n, SIZE, SIZE, 3)).copy()
-        stroke = rng.uniform(0.0, 0.35, (n, 1, 1, 3)).astype(np.float32)
+    if kind == "plain":  # the pretraining style: any background colour, no cue, no patch
+        hsv = np.stack([rng.uniform(0, 1, n), rng.uniform(0, 0.9, n), rng.uniform(0.5, 1, n)], 1)
+        rgb = np.array([colorsys.hsv_to_rgb(*c) for c in hsv], np.float32)
+        bg = np.broadcast_to(rgb[:, None, None, :], (n, SIZE, SIZE, 3)).copy()
+        stroke = rng.uniform(0.0, 0.2, (n, 1, 1, 3)).astype(np.float32)
     elif kind == "digits-background":
         bg = np.broadcast_to(colour[:, None, None, :], (n, SIZE, SIZE, 3)).copy()
     else:
@@ -341,7 +345,7 @@ def build_demo_task(name: str, root: str | os.PathLike, *, seed: int = 0,
         plan = _digits_plan(name, seed, rhos, ood_cues)
         classes = [str(k) for k in range(10)]
     elif name == PRETRAIN_TASK:
-        params = {"seed": seed, "n_per_shape": n_per_shape, "version": 1}
+        params = {"seed": seed, "n_per_shape": n_per_shape, "version": 2}
         plan = _pretrain_plan(seed, n_per_shape)
         classes = [f"digit{k}" for k in range(N_DIGIT_CLASSES)] + list(SHAPES)
     else:
