@@ -853,8 +853,11 @@ def _child_params(hp: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _config_hash(cfg: JobConfig) -> str:
-    """What the job computed, tracking settings aside: equal hashes, same analysis."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k != "tracking"}
+    """What the job computes: the resolved config without the settings that change where
+    and how it runs but not its numbers (tracking, stages, resources), so `circuitray run`
+    and `circuitray reduce` of one job, or the same job on another cluster, share it."""
+    settings = {k: v for k, v in to_dict(cfg).items()
+                if k not in ("tracking", "stages", "resources")}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()
                           ).hexdigest()[:12]
 
