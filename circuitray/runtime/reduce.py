@@ -808,7 +808,7 @@ def _run_note(evals: Mapping[str, pd.DataFrame], summary: Mapping[str, Any], nam
     for stat, what in (("pre_composite", "pre-deployment composite (vs OOD accuracy)"),
                        ("post_composite", "post-deployment composite (vs shifted accuracy)"),
                        ("alarm_f1", "silent-failure alarm F1")):
-        if res is None or stat not in res:
+        if res is None or stat not in res or "kind" not in res:
             continue
         best = []
         for kind in ("circuit", "output"):
