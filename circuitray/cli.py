@@ -69,7 +69,8 @@ def _where(cfg, failed: Sequence[str] = ()) -> None:
     print(f"\ntables: {cfg.output_dir}/{{edges,outputs,metrics,evaluation,failures}}\n"
           f"figures: {cfg.output_dir}/figures\n"
           f"MLflow UI: mlflow ui --backend-store-uri {uri}")
-    print(f"MLflow runs: {runs_view_link(uri, cfg.tracking.experiment) or 'none logged'}")
+    link = cfg.tracking.enabled and runs_view_link(uri, cfg.tracking.experiment)
+    print(f"MLflow runs: {link or 'none logged'}")
 
 
 def _demo(args: argparse.Namespace) -> int:
