@@ -90,7 +90,7 @@ def _stored_report(cfg) -> str:
 
 
 def _where(cfg, failed: Sequence[str] = ()) -> None:
-    from circuitray.tracking import default_tracking_uri
+    from circuitray.tracking import default_tracking_uri, runs_view_link
 
     uri = cfg.tracking.uri or default_tracking_uri(cfg.output_dir)
     if failed:
@@ -98,6 +98,8 @@ def _where(cfg, failed: Sequence[str] = ()) -> None:
     log.info(f"tables: {cfg.output_dir}/{{edges,outputs,metrics,evaluation,failures}}\n"
              f"figures: {cfg.output_dir}/figures\n"
              f"MLflow UI: mlflow ui --backend-store-uri {uri}")
+    link = cfg.tracking.enabled and runs_view_link(uri, cfg.tracking.experiment)
+    log.info(f"MLflow runs: {link or 'none logged'}")
 
 
 def _demo(args: argparse.Namespace) -> int:

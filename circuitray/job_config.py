@@ -84,6 +84,7 @@ class TrackingConfig:
     uri: str | None = None
     experiment: str = "circuitray"
     run_name: str | None = None
+    git_commit: str | None = None  # else $CIRCUITRAY_GIT_COMMIT, else `git rev-parse HEAD`
 
 
 @dataclass

@@ -779,51 +779,145 @@ def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
     return paths
 
 
-def _headline(evals: Mapping[str, pd.DataFrame]) -> dict[str, float]:
-    """Every numeric cell of the side-by-side result table, as metric.<column>."""
+_TRAIN_COLUMNS = ("id_acc", "ood_acc", "accuracy", "parent_id")  # manifest: from training
+_CORR_STATS = ("r", "r2_signed", "srcc", "krcc", "composite")
+
+
+def _corr_metrics(evals: Mapping[str, pd.DataFrame]) -> dict[str, float]:
+    """The result table's statistics as `corr/<metric>/<stat>` (pre_srcc, post_composite,
+    alarm_f1, ...). Intervals, counts and the paper's published constants stay in the
+    logged table: as metrics they only crowd the UI's picker."""
     res = evals.get("results")
     if res is None or res.empty:
         return {}
+    stats = [f"{stage}_{s}" for stage in ("pre", "post") for s in _CORR_STATS]
+    stats += ["alarm_f1", "alarm_auroc"]
     out = {}
     for _, row in res.iterrows():
-        for col, val in row.items():
-            if col != "metric" and isinstance(val, (int, float, np.floating)):
-                out[f"{row['metric']}.{col}"] = float(val)
+        for stat in stats:
+            if stat in row and pd.notna(row[stat]):
+                out[registry.tracking_key(str(row["metric"]), "corr", stat)] = float(row[stat])
     return out
+
+
+def _run_note(evals: Mapping[str, pd.DataFrame], summary: Mapping[str, Any], name: str) -> str:
+    """The parent run's description (Markdown): what ran, and the headline of the result
+    table — the best circuit metric beside the best output-based baseline, per stage."""
+    lines = [f"**{name}**: {summary['checkpoints_complete']} checkpoints reduced, "
+             f"{summary['checkpoints_failed']} failed, "
+             f"{summary['checkpoints_with_reduce_failures']} with a metric reduce could not "
+             "compute."]
+    res = evals.get("results")
+    for stat, what in (("pre_composite", "pre-deployment composite (vs OOD accuracy)"),
+                       ("post_composite", "post-deployment composite (vs shifted accuracy)"),
+                       ("alarm_f1", "silent-failure alarm F1")):
+        if res is None or stat not in res or "kind" not in res:
+            continue
+        best = []
+        for kind in ("circuit", "output"):
+            part = res[(res.kind == kind) & res[stat].notna()]
+            if len(part):
+                top = part.loc[part[stat].idxmax()]
+                best.append(f"{kind} `{top['metric']}` {top[stat]:.3f}")
+        lines.append(f"- {what}: " + (", ".join(best) if best else "n/a (too few models)"))
+    lines.append("\nTables under Artifacts › tables (evaluation/report.txt in the job folder).")
+    return "\n".join(lines)
+
+
+def _work_intervals(markers: pd.DataFrame) -> dict[str, tuple[int, int]]:
+    """When each complete checkpoint's discover work ran, in epoch ms: from the earliest
+    domain start (its outputs file's write time recorded in the marker, less the domain's
+    `seconds`) to the last domain's write. Model loading before the first domain is not
+    in it; a domain kept from an earlier run counts at the time it was computed."""
+    need = {"checkpoint", "outputs_mtime_ns", "seconds"}
+    if markers.empty or not need <= set(markers.columns):
+        return {}
+    end = pd.to_numeric(markers["outputs_mtime_ns"], errors="coerce") / 1e6
+    start = end - pd.to_numeric(markers["seconds"], errors="coerce").fillna(0) * 1000
+    frame = pd.DataFrame({"checkpoint": markers["checkpoint"], "start": start, "end": end})
+    out = {}
+    for cid, part in frame.dropna().groupby("checkpoint"):
+        out[str(cid)] = (int(part.start.min()), int(part.end.max()))
+    return out
+
+
+def _child_params(hp: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's manifest columns as params: what training reported (its accuracies,
+    its run's id) under `train.`, so no param shares a name with a measured metric or
+    MLflow's own parent link; `final` is a tag, missing values are left out."""
+    out = {}
+    for key, value in hp.items():
+        if key in ("final", "checkpoint") or value is None or \
+                (isinstance(value, float) and np.isnan(value)):
+            continue
+        measured = key in _TRAIN_COLUMNS or registry.is_registered(str(key))
+        out[f"train.{key}" if measured else str(key)] = value
+    return out
+
+
+def _config_hash(cfg: JobConfig) -> str:
+    """What the job computes: the resolved config without the settings that change where
+    and how it runs but not its numbers (tracking, stages, resources), so `circuitray run`
+    and `circuitray reduce` of one job, or the same job on another cluster, share it."""
+    settings = {k: v for k, v in to_dict(cfg).items()
+                if k not in ("tracking", "stages", "resources")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()
+                          ).hexdigest()[:12]
 
 
 def _log_mlflow(cfg: JobConfig, layout: JobLayout, manifest: pd.DataFrame, frame: pd.DataFrame,
                 models: pd.DataFrame, evals: Mapping[str, pd.DataFrame], result: ReduceResult,
                 summary: Mapping[str, Any], markers: pd.DataFrame, finals: set[str],
                 reduce_failures: pd.DataFrame) -> str:
-    """Parent run: config, headline metrics, tables and figures; a child per manifest row
-    (tagged with its count of reduce failures and whether it is near chance) whose metric
-    keys are the registry's evaluated metrics.
+    """Parent run: config, `corr/` statistics, result tables, figures, the manifest as its
+    dataset and a note with the headline; a child per manifest row (tagged with its count of
+    reduce failures and whether it is near chance) whose metric keys come from the registry
+    (`registry.tracking_key`): `id/accuracy`, `ood/accuracy`, `ood/<metric>` for the
+    pre-deployment metrics, `shift_mean/<metric>` for those evaluated post-deployment only.
 
     `markers` are the marker rows of the reduced (complete) checkpoints."""
-    from circuitray.tracking import ChildRun, default_tracking_uri, flatten, log_job
+    import yaml
 
+    from circuitray.tracking import (
+        ChildRun,
+        default_tracking_uri,
+        flatten,
+        git_commit,
+        log_job,
+        short_names,
+    )
+
+    key = registry.tracking_key
     uri = cfg.tracking.uri or default_tracking_uri(layout.root)
     per_ckpt = models.groupby("checkpoint").first() if not models.empty else pd.DataFrame()
-    children = []
-    # metric keys from the registry: pre-deployment metrics at the checkpoint's OOD value
-    # (and the true OOD accuracy); metrics evaluated post-deployment only (CSS, detectors)
-    # as their mean over the shifted domains. Descriptors (Λ cells, …) are not logged.
-    metric_cols = metric_columns(per_ckpt.columns, stage="pre")
-    metric_cols += [c for c in ("ood_acc",) if c in per_ckpt]
+    # metrics at the checkpoint's OOD domain (pre-deployment), and those evaluated
+    # post-deployment only (CSS, detectors) as their mean over the shifted domains;
+    # descriptors (Λ cells, n, nuclear bounds, …) are never logged.
+    pre = [c for c in metric_columns(per_ckpt.columns, stage="pre") if c != "id_acc"]
     post_only = [c for c in metric_columns(frame.columns, stage="post")
                  if c not in metric_columns(frame.columns, stage="pre")]
     hyper = _hyper(manifest).set_index("checkpoint")
-    # where each checkpoint's mean/std and labels came from (its completion marker)
+    names = short_names(hyper.index, hyper.get("parent_id", pd.Series(dtype=object)).to_dict(),
+                        hyper.get("epoch", pd.Series(dtype=object)).to_dict())
     complete = set(markers.checkpoint)
     prep = (markers.reindex(columns=["checkpoint", "norm_source", "class_source"])
             .groupby("checkpoint").first())
     n_failed = reduce_failures.groupby("checkpoint").size()
+    failures = read_failures(layout)
+    why = failures[failures.stage != "reduce"].groupby("checkpoint").first()
+    when = _work_intervals(markers)
+    children = []
     for cid, hp in hyper.iterrows():
-        metrics = per_ckpt.loc[cid, metric_cols].to_dict() if cid in per_ckpt.index else {}
-        post = frame[(frame.checkpoint == cid) & (frame.role == "shift")]
-        for c in [c for c in (*post_only, "accuracy") if c in post]:
-            metrics[f"shift_mean.{c}"] = float(post[c].mean()) if len(post) else float("nan")
+        metrics: dict[str, float] = {}
+        if cid in per_ckpt.index:
+            row = per_ckpt.loc[cid]
+            metrics[key("accuracy", "id")] = row.get("id_acc", np.nan)
+            metrics[key("accuracy", "ood")] = row.get("ood_acc", np.nan)
+            metrics |= {key(c, "ood"): row[c] for c in pre}
+        shifted = frame[(frame.checkpoint == cid) & (frame.role == "shift")]
+        if len(shifted):
+            metrics |= {key(c, "shift_mean"): float(shifted[c].mean())
+                        for c in (*post_only, "accuracy") if c in shifted}
         status = "complete" if cid in complete else "failed or not run"
         tags = {"checkpoint": str(cid), "status": status, "final": str(cid in finals).lower(),
                 "reduce_failures": str(int(n_failed.get(cid, 0)))}
@@ -831,19 +925,34 @@ def _log_mlflow(cfg: JobConfig, layout: JobLayout, manifest: pd.DataFrame, frame
             tags["near_chance"] = str(bool(per_ckpt.loc[cid, "near_chance"])).lower()
         if cid in prep.index:
             tags |= {k: str(v) for k, v in prep.loc[cid].items() if v is not None}
-        children.append(ChildRun(str(cid), params=hp.to_dict(), metrics=metrics, tags=tags,
-                                 status="FINISHED" if cid in complete else "FAILED"))
-    artifacts = [(p, "tables/evaluation") for p in result.tables.values()
-                 if p.parent == layout.evaluation]
-    artifacts += [(p, "figures") for p in result.figures]
-    artifacts += [(layout.root / "failures", "tables/failures")]
-    params = flatten(to_dict(cfg))
-    headline = {**_headline(evals), **{f"job.{k}": v for k, v in summary.items()}}
+        if cid not in complete and cid in why.index:
+            tags |= {"error_stage": str(why.loc[cid, "stage"]),
+                     "error": f"{why.loc[cid, 'error_type']}: "
+                              f"{str(why.loc[cid, 'error']).splitlines()[0]}"[:500]}
+        start_ms, end_ms = when.get(str(cid), (None, None))
+        children.append(ChildRun(names[cid], params=_child_params(hp.to_dict()),
+                                 metrics=metrics, tags=tags,
+                                 status="FINISHED" if cid in complete else "FAILED",
+                                 start_ms=start_ms, end_ms=end_ms))
+    tables = {name: df for name, df in evals.items() if isinstance(df, pd.DataFrame)}
+    tables["models"] = models.drop(columns=lambda_columns(lambda_size(list(models.columns))))
+    if not failures.empty:
+        tables["failures"] = failures
+    figures = [(p, "figures") for p in result.figures]
+    summary_metrics = {f"job/{k}": v for k, v in summary.items()}
+    name = cfg.tracking.run_name or cfg.name
     return log_job(tracking_uri=uri, experiment=cfg.tracking.experiment,
-                   artifact_root=layout.root / "mlartifacts",
-                   run_name=cfg.tracking.run_name or cfg.name, params=params,
-                   metrics=headline, artifacts=artifacts, children=children,
-                   tags={"output_dir": str(layout.root)})
+                   artifact_root=layout.root / "mlartifacts", run_name=name,
+                   params=flatten(to_dict(cfg)),
+                   metrics={**_corr_metrics(evals), **summary_metrics}, artifacts=figures,
+                   children=children, tables=tables,
+                   texts={"config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)},
+                   dataset=(manifest, str(cfg.manifest), Path(str(cfg.manifest)).name),
+                   note=_run_note(evals, summary, name),
+                   start_ms=min((s for s, _ in when.values()), default=None),
+                   commit=git_commit(cfg.tracking.git_commit),
+                   tags={"output_dir": str(layout.root), "circuitray.name": cfg.name,
+                         "circuitray.config_hash": _config_hash(cfg)})
 
 
 def check_ready(plan: JobPlan, failed: set[str]) -> None:
