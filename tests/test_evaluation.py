@@ -11,6 +11,7 @@ from circuitray.errors import MetricError
 from circuitray.evaluation import (
     PAPER_RESULTS,
     PARTIAL_COLUMNS,
+    _partial_replicates,
     _replicates,
     _weights,
     best_and_worst_runs,
@@ -231,6 +232,16 @@ def test_partial_given_best_baseline_sits_beside_each_circuit_metric() -> None:
         assert g.loc[(task, "ac"), "partial_given"] == ""  # baselines get no partial
         assert np.isnan(g.loc[(task, "energy"), "partial_srcc"])
     assert (out.loc[out.level == "mean", "partial_given"] == "").all()
+    # paired with the metric's own statistics: task b (group 1), metric 0, same seed
+    b = f[f.task == "b"]
+    w = _weights(60, 300, np.random.default_rng([0, 1, 0]))
+    reps = _partial_replicates(b["ddb_out_0.3"].to_numpy(), b["ood_acc"].to_numpy(),
+                               b["ac"].to_numpy(), w)
+    assert np.percentile(reps[1:], [2.5, 97.5]) == pytest.approx(
+        g.loc[("b", "ddb_out_0.3"), ["partial_srcc_lo", "partial_srcc_hi"]].to_numpy(float))
+    srcc = _replicates(b["ddb_out_0.3"].to_numpy(), b["ood_acc"].to_numpy(), w)[:, 2]
+    assert np.percentile(srcc[1:], [2.5, 97.5]) == pytest.approx(
+        g.loc[("b", "ddb_out_0.3"), ["srcc_lo", "srcc_hi"]].to_numpy(float))
 
 
 def test_best_baseline_is_the_highest_oriented_srcc_among_output_metrics() -> None:

@@ -150,3 +150,48 @@ def test_task_without_a_run_of_two_checkpoints_is_skipped_with_a_note(tmp_path: 
 @pytest.mark.parametrize("frames", [{}, {"within_group": pd.DataFrame()}])
 def test_report_without_the_new_tables_says_there_is_nothing(frames) -> None:
     assert format_report(frames).startswith("no evaluation tables")
+
+
+@pytest.mark.slow
+def test_tiny_job_with_intermediate_checkpoints_draws_the_figure_and_reports_it(
+        tmp_path: Path, local_ray) -> None:
+    """End to end: 3 runs × (1 intermediate + final) with a `regime` column, random
+    weights. The figure is written, its table names the runs and the report prints both;
+    the regimes (by default the manifest's `regime`: 2 and 1 models, < 5) are listed as
+    skipped with their n."""
+    import shutil
+
+    from _jobdata import write_checkpoints
+
+    from circuitray.job_config import load_job_config
+    from circuitray.runtime.pipeline import run_pipeline
+
+    manifest_path = write_checkpoints(tmp_path, 3)
+    m = pd.read_csv(manifest_path)
+    rows = []
+    for _, r in m.iterrows():
+        inter = r.copy()
+        inter["checkpoint_id"] = f"{r.checkpoint_id}.e1"
+        inter["weights"] = r.weights.replace(".safetensors", ".e1.safetensors")
+        shutil.copy(tmp_path / r.weights, tmp_path / inter["weights"])
+        regime = "linear" if r.seed == 0 else "full"
+        rows += [inter.to_dict() | {"epoch": 1, "final": False, "parent_id": r.checkpoint_id,
+                                    "regime": regime},
+                 r.to_dict() | {"epoch": 2, "final": True, "parent_id": r.checkpoint_id,
+                                "regime": regime}]
+    pd.DataFrame(rows).to_csv(manifest_path, index=False)
+    cfg = load_job_config(Path(__file__).resolve().parents[1] / "conf" / "tiny.yaml", [
+        f"manifest={manifest_path}", f"output_dir={tmp_path / 'job'}", "data.shift_kinds=[]",
+        "data.proxy_kinds=[]", "tracking.enabled=false"])
+    result = run_pipeline(cfg).reduce
+    runs = result.frames["ddb_over_training"].iloc[0]
+    models = result.frames["models"].set_index("checkpoint")
+    assert runs.n_runs == 3 and runs.best_final_acc == models.ood_acc.max()
+    assert runs.worst_final_acc == models.ood_acc.min()
+    assert models.loc[runs.best_run, "ood_acc"] == runs.best_final_acc
+    assert runs.figure == "figures/ddb_over_training_toy.png"
+    assert (Path(cfg.output_dir) / runs.figure).stat().st_size > 1000
+    report = (Path(cfg.output_dir) / "evaluation" / "report.txt").read_text()
+    assert f"toy: best {runs.best_run} ({runs.best_final_acc:.3f})" in report
+    assert runs.figure in report
+    assert "skipped (fewer than 5 models): full (n=2), linear (n=1)" in report
