@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -144,6 +145,7 @@ def ddb_over_training(rows: pd.DataFrame, runs: Sequence[tuple[str, str]], *, me
         handles += acc_ax.plot(part[epoch], part[accuracy], color=colour, marker="s", ms=4,
                                lw=1.2, ls="--", label=f"{name} — OOD accuracy")
     ax.set_xlabel(epoch)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel(f"{metric} (solid)")
     acc_ax.set_ylabel("OOD accuracy (dashed)")
     ax.set_title(title or f"{metric} and OOD accuracy over training", fontsize=9)

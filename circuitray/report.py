@@ -1,5 +1,7 @@
 """The paper-style text report: per task, each metric's statistics with 95% intervals and n
-beside the paper's published composites, after the warnings a reader needs first.
+beside the paper's published composites (and each circuit metric's partial SRCC given the
+task's best output-based baseline), the within-regime correlations and the DDB-over-training
+figures, after the warnings a reader needs first.
 
 Pure (tables in, text out): reduce writes it to evaluation/report.txt, and the CLI prints it,
 so a re-run that finds reduce up to date prints the very same report.
@@ -81,6 +83,7 @@ def _within_blocks(table: pd.DataFrame) -> list[str]:
     column = str(table["group_column"].iloc[0])
     keys = [c for c in ("task", "domain") if c in table]
     groups = table[(table.level == "group")]
+    groups = groups.assign(group=groups["group"].astype(str))  # a model without one: "nan"
     means = table[(table.level == "mean")]
     out = []
     for key, part in groups.groupby(keys, sort=True):
