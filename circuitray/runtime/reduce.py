@@ -608,15 +608,18 @@ def evaluate_all(frame: pd.DataFrame, models: pd.DataFrame, cfg: JobConfig,
         by = ("task", "domain") if ok.groupby("task")["domain"].nunique().gt(1).any() \
             else ("task",)
         if not ok.empty:
-            pre = _by_task(lambda f: ev.pre_deployment(f, metrics=pre_metrics,
-                                                       target="ood_acc", by=by, **kw),
-                           ok, notes, "pre-deployment evaluation")
+            # beside each circuit metric: its partial SRCC given the task's best baseline
+            pre = _by_task(lambda f: ev.with_partial_given_best(
+                ev.pre_deployment(f, metrics=pre_metrics, target="ood_acc", by=by, **kw),
+                f, target="ood_acc", by=by, **kw), ok, notes, "pre-deployment evaluation")
             if pre is not None:
                 out["pre_deployment"] = pre
-            if r.group_column and r.group_column in ok:
+            # the configured column, else the fine-tuning regime when the manifest has one
+            group_col = r.group_column or ("regime" if "regime" in ok else None)
+            if group_col and group_col in ok:
                 wg = _by_task(lambda f: ev.within_group(f, metrics=pre_metrics,
                                                         target="ood_acc",
-                                                        group_col=r.group_column, by=by,
+                                                        group_col=group_col, by=by,
                                                         **kw),
                               ok, notes, "within-group evaluation")
                 if wg is not None:
@@ -690,9 +693,51 @@ def motifs(models: pd.DataFrame, notes: list[str]) -> dict[str, Any]:
     return out
 
 
+def ddb_figure_column(cfg: JobConfig) -> str:
+    """The DDB the figures show: DDB_out at the paper's τ = 0.3 if computed, else the first τ."""
+    tau = 0.3 if 0.3 in cfg.reduce.taus else cfg.reduce.taus[0]
+    return f"ddb_out_{tau:g}"
+
+
+def training_figure_name(group: str) -> str:
+    return f"ddb_over_training_{safe_name(group)}.png"
+
+
+def training_frame(frame: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+    """OOD rows of every checkpoint, final and intermediate, with the manifest's `epoch`
+    and `parent_id` (where it has them), `final` (plan.is_final) and `eval_group`."""
+    hyper = _hyper(manifest)
+    hyper = hyper[[c for c in ("checkpoint", "epoch", "parent_id") if c in hyper]].assign(
+        final=[is_final(r) for r in manifest.to_dict("records")])
+    ood = frame[frame.role == "ood"]
+    rows = ood.drop(columns=[c for c in hyper if c in ood and c != "checkpoint"]).merge(
+        hyper, on="checkpoint", how="left")
+    return rows.assign(eval_group=group_labels(rows)) if len(rows) else rows
+
+
+def training_runs_table(frame: pd.DataFrame, manifest: pd.DataFrame, cfg: JobConfig,
+                        notes: list[str]) -> pd.DataFrame:
+    """Per evaluation group, the runs (parent_id) with the best and the worst final OOD
+    accuracy that the DDB-over-training figure shows (evaluation.best_and_worst_runs); a
+    group without a run of >= 2 checkpoints gets a note, not an error."""
+    from circuitray.evaluation import training_runs
+
+    rows = training_frame(frame, manifest)
+    if rows.empty:
+        return pd.DataFrame()
+    out = training_runs(rows, metric=ddb_figure_column(cfg))
+    out["figure"] = ""  # set by run_reduce to figures/<name> once the figure is drawn
+    if {"epoch", "parent_id"} <= set(manifest.columns):  # training dynamics were expected
+        for g, note in zip(out["group"], out["note"], strict=True):
+            if note:
+                _note(notes, f"DDB over training, {g}: skipped ({note})")
+    return out
+
+
 def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
             evals: Mapping[str, pd.DataFrame], cfg: JobConfig, manifest: pd.DataFrame,
-            motif: Mapping[str, Any], notes: list[str]) -> list[Path]:
+            motif: Mapping[str, Any], notes: list[str], runs: pd.DataFrame | None = None
+            ) -> list[Path]:
     """Every figure DESIGN §6 asks for that the data at hand supports; one that cannot be
     drawn (e.g. no proxy domain with a finite metric to calibrate the alarm) is noted and
     the others are still drawn.
@@ -711,8 +756,8 @@ def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
         if path is not None:
             paths.append(path)
 
-    tau = 0.3 if 0.3 in cfg.reduce.taus else cfg.reduce.taus[0]  # the paper's τ if computed
-    ddb = f"ddb_out_{tau:g}"
+    ddb = ddb_figure_column(cfg)
+    tau = float(ddb.rsplit("_", 1)[1])
     final = models
     results = evals.get("results")
     best = []
@@ -760,17 +805,17 @@ def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
                 p, shift[shift.checkpoint == first], metric, fig_dir / "alarm.png",
                 delta=delta, threshold=calibrate_threshold(p[metric], p["accuracy"], delta),
                 title=f"alarm on {metric}, {first}"))
-    inter = frame[(frame.role == "ood")].merge(
-        _hyper(manifest)[[c for c in ("checkpoint", "epoch", "parent_id")
-                          if c in _hyper(manifest)]], on="checkpoint", how="left")
-    if {"epoch", "parent_id"} <= set(inter.columns) and ddb in inter and \
-            inter.groupby("parent_id").size().gt(1).any():
-        inter = inter.assign(eval_group=group_labels(inter))
-        for task, part in inter.dropna(subset=["epoch"]).groupby("eval_group"):
-            draw(f"ddb_over_training_{task}", lambda part=part, task=task: plots.trajectories(
-                part, "epoch", ddb, "parent_id",
-                fig_dir / f"ddb_over_training_{safe_name(task)}.png",
-                title=f"{task}: DDB_out (τ={tau:g}) on OOD data over training, one line per run"))
+    chosen = runs[runs.n_runs > 0] if runs is not None and not runs.empty else None
+    rows = training_frame(frame, manifest) if chosen is not None and len(chosen) else None
+    for _, row in chosen.iterrows() if rows is not None else []:
+        part = rows[rows.eval_group == row["group"]]
+        title = (f"{row['group']}: {ddb} on OOD data over training, the runs with the best "
+                 f"and the worst final OOD accuracy (of {row['n_runs']})")
+        draw(f"ddb_over_training_{row['group']}", lambda part=part, row=row, title=title:
+             plots.ddb_over_training(part, [("best", row["best_run"]),
+                                            ("worst", row["worst_run"])], metric=ddb,
+                                     path=fig_dir / training_figure_name(row["group"]),
+                                     title=title))
     if not final.empty:
         task, cid, dom = final.iloc[0][["task", "checkpoint", "domain"]]
         draw("circuit", lambda: plots.circuit_drawing(
@@ -1058,10 +1103,21 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
         if isinstance(val, pd.DataFrame):
             result.tables[f"motif_{name}"] = write_parquet_atomic(
                 val, layout.evaluation / f"motif_{name}.parquet")
+    runs = _safe(lambda: training_runs_table(frame, manifest, cfg, result.notes),
+                 result.notes, "DDB over training")
     if cfg.reduce.figures:
         result.figures = _safe(lambda: figures(layout, frame, models, evals, cfg, manifest,
-                                               motif, result.notes),
+                                               motif, result.notes, runs),
                                result.notes, "figures") or []
+    if runs is not None and not runs.empty:
+        drawn = {p.name for p in result.figures}
+        runs["figure"] = [f"figures/{training_figure_name(g)}"
+                          if training_figure_name(g) in drawn else "" for g in runs["group"]]
+        evals = {**evals, "ddb_over_training": runs}
+        result.tables["ddb_over_training"] = write_parquet_atomic(
+            runs, layout.evaluation / "ddb_over_training.parquet")
+    else:  # no OOD rows any more: no table left from an earlier run
+        (layout.evaluation / "ddb_over_training.parquet").unlink(missing_ok=True)
     result.frames = {"domains": frame, "models": models, **evals,
                      "reduce_failures": reduce_failures}
     if isinstance(motif.get("summary"), pd.DataFrame):
