@@ -107,20 +107,6 @@ def alarm_plot(proxy: pd.DataFrame, deploy: pd.DataFrame, metric: str, path: str
     return _save(fig, path)
 
 
-def trajectories(df: pd.DataFrame, x: str, y: str, group: str, path: str | os.PathLike,
-                 *, title: str = "") -> Path:
-    """One line per training run (e.g. DDB_out over epochs)."""
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, part in df.sort_values(x).groupby(group):
-        ax.plot(part[x], part[y], marker="o", ms=3, lw=1, label=str(name))
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    ax.set_title(title or f"{y} over {x}", fontsize=9)
-    if df[group].nunique() <= 12:
-        ax.legend(fontsize=6)
-    return _save(fig, path)
-
-
 def ddb_over_training(rows: pd.DataFrame, runs: Sequence[tuple[str, str]], *, metric: str,
                       path: str | os.PathLike, accuracy: str = "accuracy",
                       run: str = "parent_id", epoch: str = "epoch", title: str = "") -> Path:
