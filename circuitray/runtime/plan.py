@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 import circuitray
+from circuitray import storage
 from circuitray.config import to_dict
 from circuitray.data.listing import Listing, list_domain, validate_listing
 from circuitray.errors import CircuitrayError, ConfigError, DataError
@@ -315,10 +317,14 @@ class JobPlan:
 def read_marker(layout: JobLayout, checkpoint: str) -> dict[str, dict[str, Any]]:
     """The checkpoint's marker rows by domain ({} when there is none or it is unreadable)."""
     path = layout.marker(checkpoint)
-    if not path.is_file():
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        return {}
+    except IsADirectoryError:
         return {}
     try:
-        rows = pq.read_table(path).to_pylist()
+        rows = pq.read_table(pa.BufferReader(data)).to_pylist()
     except Exception:  # a damaged marker means: recompute, never trust
         return {}
     return {str(r["domain"]): r for r in rows}

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from circuitray import registry
+from circuitray import registry, storage
 from circuitray.config import to_dict
 from circuitray.errors import (
     CircuitrayError,
@@ -446,10 +446,9 @@ def write_reduce_failures(layout: JobLayout, failures: pd.DataFrame) -> None:
         first = rows["error"].iloc[0].splitlines()[0]
         print(f"[reduce] {cid}: {len(rows)} metric failure(s), NaN in metrics/ with a reason; "
               f"first: {first}", file=sys.stderr, flush=True)
-    folder = layout.reduce_failure_file("-").parent
-    for old in folder.glob("*.parquet") if folder.is_dir() else []:
+    for old in storage.list_files(layout.reduce_failure_file("-").parent, ".parquet"):
         if old not in keep:
-            old.unlink()
+            storage.delete(old)
 
 
 def _join_reasons(columns: pd.DataFrame) -> pd.Series:
@@ -689,7 +688,8 @@ def motifs(models: pd.DataFrame, notes: list[str]) -> dict[str, Any]:
 
 def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
             evals: Mapping[str, pd.DataFrame], cfg: JobConfig, manifest: pd.DataFrame,
-            motif: Mapping[str, Any], notes: list[str]) -> list[Path]:
+            motif: Mapping[str, Any], notes: list[str], fig_dir: Path | None = None
+            ) -> list[Path]:
     """Every figure DESIGN §6 asks for that the data at hand supports; one that cannot be
     drawn (e.g. no proxy domain with a finite metric to calibrate the alarm) is noted and
     the others are still drawn.
@@ -700,7 +700,7 @@ def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
     """
     from circuitray import plots
 
-    fig_dir = layout.figures
+    fig_dir = fig_dir or layout.figures
     paths: list[Path] = []
 
     def draw(what: str, fn: Any) -> None:
@@ -843,6 +843,18 @@ def _log_mlflow(cfg: JobConfig, layout: JobLayout, manifest: pd.DataFrame, frame
                    tags={"output_dir": str(layout.root)})
 
 
+def _drawn_into(layout: JobLayout, draw: Callable[[Path | None], list[Path]]) -> list[Any]:
+    """`draw(folder)` into `<out>/figures`; for an object-store output matplotlib draws into
+    a local temporary folder and each figure is then uploaded in one PUT."""
+    if not layout.remote:
+        return draw(None)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="circuitray-figures-") as tmp:
+        return [storage.write_bytes(layout.figures / p.name, p.read_bytes())
+                for p in draw(Path(tmp))]
+
+
 def check_ready(plan: JobPlan, failed: set[str]) -> None:
     """Refuse to reduce when a planned checkpoint that did not fail has a stale, damaged or
     missing domain: its numbers would be from another setting, or silently absent."""
@@ -914,10 +926,11 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
     failed = set(discover_failures.checkpoint) & {c.checkpoint for c in plan.todo}
     check_ready(plan, failed)
     fp = fingerprint(plan, cfg, failed)
-    if not force and stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fp:
+    last = json.loads(storage.read_text(stamp)) if storage.exists(stamp) else {}
+    if not force and last.get("fingerprint") == fp:
         print("[reduce] up to date: inputs and config unchanged, nothing recomputed",
               file=sys.stderr, flush=True)
-        return ReduceResult(skipped=True, run_id=json.loads(stamp.read_text()).get("run_id"))
+        return ReduceResult(skipped=True, run_id=last.get("run_id"))
     domains = domains_frame(plan)
     if domains.empty:
         raise CircuitrayError(f"{layout.root}: no completed checkpoints to reduce "
@@ -936,7 +949,7 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
         if not df.empty:
             result.tables[name] = write_parquet_atomic(df, layout.metrics / f"{name}.parquet")
         else:  # e.g. no plug-in registered any more: no table left from an earlier run
-            (layout.metrics / f"{name}.parquet").unlink(missing_ok=True)
+            storage.delete(layout.metrics / f"{name}.parquet")
     result.tables["domains"] = write_parquet_atomic(frame, layout.metrics / "domains.parquet")
     result.tables["models"] = write_parquet_atomic(all_models, layout.metrics / "models.parquet")
     evals = evaluate_all(frame[frame.checkpoint.isin(finals)], models, cfg, result.notes)
@@ -948,9 +961,9 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
             result.tables[f"motif_{name}"] = write_parquet_atomic(
                 val, layout.evaluation / f"motif_{name}.parquet")
     if cfg.reduce.figures:
-        result.figures = _safe(lambda: figures(layout, frame, models, evals, cfg, manifest,
-                                               motif, result.notes),
-                               result.notes, "figures") or []
+        result.figures = _safe(lambda: _drawn_into(layout, lambda where: figures(
+            layout, frame, models, evals, cfg, manifest, motif, result.notes, where)),
+            result.notes, "figures") or []
     result.frames = {"domains": frame, "models": models, **evals,
                      "reduce_failures": reduce_failures}
     if isinstance(motif.get("summary"), pd.DataFrame):
