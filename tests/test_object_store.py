@@ -127,6 +127,20 @@ def test_storage_operations_mean_the_same_on_a_folder_and_on_s3(
             "a temporary was left behind"
 
 
+def test_job_lock_on_s3_is_a_conditional_put_that_a_second_job_cannot_take(s3: _Gate) -> None:
+    from circuitray.errors import JobLockedError
+    from circuitray.runtime.lock import JobLock
+
+    out = f"s3://{BUCKET}/locked"
+    with JobLock(out, "first") as lock:
+        assert storage.exists(lock.path)
+        with pytest.raises(JobLockedError, match=rf"{out}/.lock is held by job 'first'"):
+            JobLock(out, "second").acquire()
+    assert not storage.exists(ObjectPath(out) / ".lock")
+    with JobLock(out, "second"):  # released: free again
+        pass
+
+
 def _config(manifest: Path, out: str, *extra: str) -> JobConfig:
     return load_job_config(CONF, [f"manifest={manifest}", f"output_dir={out}", *FAST, *extra])
 
@@ -138,7 +152,7 @@ def jobs(tmp_path_factory: pytest.TempPathFactory, s3: _Gate, s3_ray: None
     final name beforehand, and ckpt0's worker is killed while uploading its second domain."""
     tmp = tmp_path_factory.mktemp("objstore")
     manifest = write_checkpoints(tmp, 2)
-    local = _config(manifest, str(tmp / "job"))
+    local = _config(manifest, str(tmp / "job"), "reduce.figures=false")  # figures: S3's only
     remote = _config(manifest, f"s3://{BUCKET}/run")
     run_pipeline(local)
     leftover = JobLayout.of(remote.output_dir).edges_file("toy", "ckpt1", "ood")
@@ -159,6 +173,7 @@ def jobs(tmp_path_factory: pytest.TempPathFactory, s3: _Gate, s3_ray: None
             "killed_pid": pid, "leftover": leftover}
 
 
+@pytest.mark.slow
 def test_killed_upload_is_retried_and_the_rerun_finds_everything_complete(jobs) -> None:
     first, again = jobs["first"], jobs["again"]
     assert sorted(first.discover.done) == ["ckpt0", "ckpt1"] and first.discover.failed == []
@@ -188,6 +203,7 @@ def _files(root: Path | ObjectPath) -> dict[str, bytes]:
     return out
 
 
+@pytest.mark.slow
 def test_tables_on_s3_are_byte_identical_to_the_local_folders(jobs) -> None:
     """Edges, outputs (the leftover included: overwritten, not read), metrics, evaluation and
     the class map; the markers differ only in times and sizes-by-mtime, so they are not."""
@@ -199,6 +215,7 @@ def test_tables_on_s3_are_byte_identical_to_the_local_folders(jobs) -> None:
     assert [k for k in local if local[k] != remote[k]] == []
 
 
+@pytest.mark.slow
 def test_damaged_object_on_s3_is_named_by_reduce(jobs) -> None:
     cfg = jobs["remote"]
     victim = JobLayout.of(cfg.output_dir).outputs_file("toy", "ckpt1", "id")
