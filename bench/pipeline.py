@@ -47,7 +47,7 @@ def _discover_once(manifest: Path, out: Path | str, task_cpus: int) -> float:
         "data.attribution_limit=64", "data.batch_size=64", "data.shift_kinds=[gaussian_noise]",
         "data.shift_severities=[3]", "data.proxy_kinds=[brightness]",
         "data.proxy_severities=[3]", "attribution.steps=5", f"resources.num_cpus={task_cpus}",
-        "resources.torch_threads=1"])
+        "resources.torch_threads=1", "tracking.enabled=false"])
     if isinstance(out, Path):
         shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()

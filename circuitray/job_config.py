@@ -215,6 +215,17 @@ def _output_dir(path: str, base: Path) -> str:
     return str(_absolute(path.removeprefix("file://"), base))
 
 
+def check_tracking_target(output_dir: str, tracking: bool) -> None:
+    """MLflow needs a local output folder for now: its default sqlite store cannot live in a
+    bucket, and the tables it logs as artifacts would have to be staged locally first."""
+    if tracking and "://" in output_dir and not output_dir.startswith("file://"):
+        raise ConfigError(
+            f"config key 'tracking.enabled': output_dir {output_dir!r} is an object-store "
+            "URI, and MLflow logging of such a job is not supported yet (a sqlite store "
+            "cannot live in a bucket, and the logged tables are not local files); set "
+            "tracking.enabled=false: every table and figure is under output_dir")
+
+
 def load_job_config(path: str | Path | None, overrides: Sequence[str] = (), *,
                     base: str | Path | None = None) -> JobConfig:
     """Load, validate and absolutize a job config; relative paths resolve against `base` (cwd)."""
@@ -223,12 +234,7 @@ def load_job_config(path: str | Path | None, overrides: Sequence[str] = (), *,
     try:
         check_job_config(cfg)
         output_dir = _output_dir(cfg.output_dir, base)
-        if "://" in output_dir and cfg.tracking.enabled:
-            raise ConfigError(
-                f"config key 'tracking.enabled': output_dir {output_dir!r} is an object-store "
-                "URI, and MLflow logging of such a job is not supported yet (a sqlite store "
-                "cannot live in a bucket, and the logged tables are not local files); set "
-                "tracking.enabled=false: every table and figure is under output_dir")
+        check_tracking_target(output_dir, cfg.tracking.enabled)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from exc
     data = dataclasses.replace(cfg.data, root=_absolute(cfg.data.root, base),

@@ -215,6 +215,20 @@ def list_files(folder: str | os.PathLike | ObjectPath, suffix: str = "",
     return sorted(f for f in found if hidden or not f.name.startswith("."))
 
 
+def stat_tree(folder: str | os.PathLike | ObjectPath) -> dict[AnyPath, tuple[int, int]]:
+    """(size, mtime_ns) of every file under `folder`, from one listing: on an object store
+    one LIST call per 1,000 objects instead of a HEAD per file (planning a zoo of thousands
+    of checkpoints checks every domain file)."""
+    p = as_path(folder)
+    if isinstance(p, Path):
+        return {f: found for f in list_files(p, hidden=True)
+                if (found := stat(f)) is not None}
+    fs, key = _remote(p)
+    infos = fs.get_file_info(pafs.FileSelector(key, recursive=True, allow_not_found=True))
+    return {p / info.path[len(key):].lstrip("/"): (int(info.size), int(info.mtime_ns or 0))
+            for info in infos if info.type == pafs.FileType.File}
+
+
 # ------------------------------------------------------------------ writes
 
 

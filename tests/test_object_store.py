@@ -119,6 +119,8 @@ def test_storage_operations_mean_the_same_on_a_folder_and_on_s3(
     assert storage.list_files(root, ".parquet") == [a]
     assert storage.list_files(root, hidden=True) == [hidden, a]
     assert not storage.exists(root / "x"), "a folder is not a file"
+    # one listing gives what a stat per file gives (planning checks files from a LIST)
+    assert storage.stat_tree(root) == {a: storage.stat(a), hidden: storage.stat(hidden)}
     storage.delete(a)
     storage.delete(a)  # deleting what is gone is no error
     assert storage.list_files(root) == [] and storage.exists(hidden)

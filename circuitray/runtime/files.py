@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,9 +66,12 @@ class FileRecord:
                    mtime_ns=found[1], checksum=checksum_bytes(data))
 
 
-def check_file(path: AnyPath, record: FileRecord) -> str | None:
-    """None when `path` still is the recorded file, else what is wrong with it, in words."""
-    found = storage.stat(path)
+def check_file(path: AnyPath, record: FileRecord,
+               listed: Mapping[AnyPath, tuple[int, int]] | None = None) -> str | None:
+    """None when `path` still is the recorded file, else what is wrong with it, in words.
+    `listed`: (size, mtime_ns) by path from one listing (storage.stat_tree) instead of a
+    stat (a HEAD request on an object store) per file."""
+    found = storage.stat(path) if listed is None else listed.get(path)
     if found is None:
         return f"{path}: missing"
     size, mtime_ns = found

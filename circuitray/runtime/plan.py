@@ -378,13 +378,14 @@ def _marker_weights_hash(marker: Mapping[str, Mapping[str, Any]], weights: str) 
 
 
 def plan_checkpoint(row: Mapping[str, Any], cfg: JobConfig, layout: JobLayout,
-                    listings: _Listings | None = None, *,
-                    hash_weights: bool = False) -> CheckpointPlan:
+                    listings: _Listings | None = None, *, hash_weights: bool = False,
+                    listed: Mapping[Any, tuple[int, int]] | None = None) -> CheckpointPlan:
     """What is complete for one checkpoint and why the rest must run.
 
     The weights are hashed when a marker exists but the file's size or mtime moved (or when
     `hash_weights`); a checkpoint without a marker is hashed by its own task, which reads the
-    file anyway.
+    file anyway. `listed`: the output's files with (size, mtime_ns) from one listing (an
+    object store's LIST), else each file is stat'ed.
     """
     listings = listings or _Listings(layout.cache, validate=True)
     plan = CheckpointPlan(row=dict(row))
@@ -414,13 +415,14 @@ def plan_checkpoint(row: Mapping[str, Any], cfg: JobConfig, layout: JobLayout,
     plan.dropped = sorted(set(marker) - {s.name for s in specs})
     for spec in specs:
         plan.domains.append(_plan_domain(spec, row, cfg, layout, plan, marker.get(spec.name),
-                                         has_marker=bool(marker)))
+                                         has_marker=bool(marker), listed=listed))
     return plan
 
 
 def _plan_domain(spec: DomainSpec, row: Mapping[str, Any], cfg: JobConfig, layout: JobLayout,
                  plan: CheckpointPlan, record: Mapping[str, Any] | None, *,
-                 has_marker: bool) -> DomainPlan:
+                 has_marker: bool, listed: Mapping[Any, tuple[int, int]] | None = None
+                 ) -> DomainPlan:
     inputs = fp = None
     if plan.weights_hash is not None:
         inputs = domain_inputs(row, spec, cfg, weights=plan.weights_hash,
@@ -442,7 +444,7 @@ def _plan_domain(spec: DomainSpec, row: Mapping[str, Any], cfg: JobConfig, layou
     task, cid = plan.task, plan.checkpoint
     for which, path in (("edges", layout.edges_file(task, cid, spec.name)),
                         ("outputs", layout.outputs_file(task, cid, spec.name))):
-        problem = check_file(path, file_record(record, which))
+        problem = check_file(path, file_record(record, which), listed)
         if problem is not None:
             dom.reason = problem
             return dom
@@ -456,7 +458,10 @@ def plan_job(cfg: JobConfig, rows: Iterable[Mapping[str, Any]] | None = None, *,
     layout = JobLayout.of(cfg.output_dir)
     rows = list(manifest_rows(cfg) if rows is None else rows)
     listings = _Listings(layout.cache, validate=validate_images)
-    return JobPlan([plan_checkpoint(r, cfg, layout, listings) for r in rows])
+    listed = None
+    if layout.remote:  # one LIST of each table folder, not a HEAD per file
+        listed = storage.stat_tree(layout.edges) | storage.stat_tree(layout.outputs)
+    return JobPlan([plan_checkpoint(r, cfg, layout, listings, listed=listed) for r in rows])
 
 
 def read_failures(layout: JobLayout) -> pd.DataFrame:

@@ -36,7 +36,7 @@ from circuitray.errors import (
 )
 from circuitray.evaluation import NEAR_CHANCE
 from circuitray.isolation import RECOVERABLE, MetricFailure, attempt, reasons
-from circuitray.job_config import JobConfig, ReduceConfig
+from circuitray.job_config import JobConfig, ReduceConfig, check_tracking_target
 from circuitray.registry import (
     PLUGINS,
     SOURCES,
@@ -919,6 +919,7 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
     start = time.perf_counter()
     load_plugins(cfg.reduce.plugins)
     layout = JobLayout.of(cfg.output_dir)
+    check_tracking_target(str(layout.root), cfg.tracking.enabled)
     _sweep_temporaries(layout)
     stamp = layout.evaluation / "_reduce.json"
     plan = plan_job(cfg, validate_images=False)
