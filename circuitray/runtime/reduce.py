@@ -135,6 +135,24 @@ def checkpoint_files(layout: JobLayout, marker: pd.DataFrame) -> CheckpointFiles
                            edges=edges, outputs=outputs, checksums=checksums)
 
 
+_READ_THREADS = 8  # reads of one checkpoint's files in flight at once (I/O, not compute)
+
+
+def _read_all(paths: Mapping[str, str], checksums: Mapping[str, str]
+              ) -> dict[str, Callable[[], pa.Table]]:
+    """Every domain's file of one source read at once in a thread pool (the reads are I/O
+    bound: an object store's latency, or a disk; bench/reads.py: 2.3x faster than one by
+    one on 2,400 files, and faster than a pyarrow.dataset scan, which cannot check that the
+    bytes it parses are the marker's). Per domain, a call that returns the table or raises
+    the read's error, so failures are recorded in domain order, as before."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(_READ_THREADS, max(1, len(paths)))) as pool:
+        futures = {dom: pool.submit(_read_table, path, checksums[path])
+                   for dom, path in paths.items()}
+    return {dom: future.result for dom, future in futures.items()}
+
+
 def _read_table(path: str, checksum: str) -> pa.Table:
     """One input file (the single place reduce reads discover's tables), parsed from bytes
     whose checksum matches its marker; a damaged or missing file raises StaleResultError,
@@ -361,9 +379,9 @@ def checkpoint_metrics(files: CheckpointFiles, r: ReduceConfig, threads: int = 1
             for source in SOURCES:
                 paths = files.edges if source == "edges" else files.outputs
                 src = _Source(files, r, {}, {}, fails)
-                for dom, path in paths.items():
-                    src.tables[dom] = attempt(partial(_read_table, path, files.checksums[path]),
-                                              fails, f"read {source}", domain=dom, **where)
+                for dom, read in _read_all(paths, files.checksums).items():
+                    src.tables[dom] = attempt(read, fails, f"read {source}", domain=dom,
+                                              **where)
                     if src.tables[dom] is None:
                         src.read_errors[dom] = fails[-1].reason
                 for name in families(source):
