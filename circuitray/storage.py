@@ -27,7 +27,6 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Union
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -100,7 +99,7 @@ class ObjectPath:
         return hash(self.uri)
 
 
-AnyPath = Union[Path, ObjectPath]  # noqa: UP007 (a runtime alias, used in isinstance-free hints)
+AnyPath = Path | ObjectPath  # what the layout hands out: local folder or object store
 
 
 def uri_scheme(text: str) -> str | None:
