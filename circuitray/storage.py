@@ -279,3 +279,24 @@ def make_folder(path: str | os.PathLike | ObjectPath) -> None:
     p = as_path(path)
     if isinstance(p, Path):
         p.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def local_copies(paths: list[AnyPath]) -> Iterator[list[Path]]:
+    """Local files for tools that take only local paths (MLflow's `log_artifact`): a local
+    path as it is, an object-store file downloaded into a temporary folder (same name, kept
+    apart by index) that is removed on exit."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="circuitray-local-") as tmp:
+        out = []
+        for i, path in enumerate(paths):
+            if isinstance(path, Path):
+                out.append(path)
+                continue
+            local = Path(tmp) / str(i) / path.name
+            local.parent.mkdir()
+            local.write_bytes(read_bytes(path))
+            out.append(local)
+        yield out
+

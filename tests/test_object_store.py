@@ -121,6 +121,11 @@ def test_storage_operations_mean_the_same_on_a_folder_and_on_s3(
     assert not storage.exists(root / "x"), "a folder is not a file"
     # one listing gives what a stat per file gives (planning checks files from a LIST)
     assert storage.stat_tree(root) == {a: storage.stat(a), hidden: storage.stat(hidden)}
+    with storage.local_copies([a, hidden]) as copies:  # for tools that take local paths
+        assert [c.read_bytes() for c in copies] == [b"second!", b"{}"]
+        assert [c.name for c in copies] == ["a.parquet", ".lock"]
+    assert (copies == [a, hidden]) is (where == "folder")  # downloads are gone, not the files
+    assert all(c.exists() for c in copies) is (where == "folder")
     storage.delete(a)
     storage.delete(a)  # deleting what is gone is no error
     assert storage.list_files(root) == [] and storage.exists(hidden)
