@@ -210,14 +210,29 @@ def _absolute(path: str | None, base: Path) -> str | None:
 
 
 def _output_dir(path: str, base: Path) -> str:
-    """The absolute local output folder; a URI other than file:// is refused, since workers
-    write with local file I/O and `s3://b/run` would silently become the folder `s3:/b/run`."""
-    if "://" in path and not path.startswith("file://"):
-        scheme = path.split("://", 1)[0]
-        raise ConfigError(f"config key 'output_dir': {path!r} is a '{scheme}://' URI; circuitray "
-                          "writes only to a local or mounted folder (every worker node must "
-                          "see it), e.g. the bucket mounted at /mnt/...")
+    """The absolute local output folder, or an object-store URI (circuitray.storage.SCHEMES:
+    s3://, gs://, abfs://, ...) kept as written; another scheme is refused, since it would
+    silently become the relative local folder `ftp:/host/run`."""
+    from circuitray.storage import SCHEMES, uri_scheme
+
+    scheme = uri_scheme(path)
+    if scheme is not None:
+        if scheme not in SCHEMES:
+            raise ConfigError(f"config key 'output_dir': {path!r} is a '{scheme}://' URI; "
+                              f"circuitray writes to a local folder or to {list(SCHEMES)}")
+        return path.rstrip("/")
     return str(_absolute(path.removeprefix("file://"), base))
+
+
+def check_tracking_target(output_dir: str, tracking: bool) -> None:
+    """MLflow needs a local output folder for now: its default sqlite store cannot live in a
+    bucket, and the tables it logs as artifacts would have to be staged locally first."""
+    if tracking and "://" in output_dir and not output_dir.startswith("file://"):
+        raise ConfigError(
+            f"config key 'tracking.enabled': output_dir {output_dir!r} is an object-store "
+            "URI, and MLflow logging of such a job is not supported yet (a sqlite store "
+            "cannot live in a bucket, and the logged tables are not local files); set "
+            "tracking.enabled=false: every table and figure is under output_dir")
 
 
 def load_job_config(path: str | Path | None, overrides: Sequence[str] = (), *,
@@ -228,6 +243,7 @@ def load_job_config(path: str | Path | None, overrides: Sequence[str] = (), *,
     try:
         check_job_config(cfg)
         output_dir = _output_dir(cfg.output_dir, base)
+        check_tracking_target(output_dir, cfg.tracking.enabled)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from exc
     data = dataclasses.replace(cfg.data, root=_absolute(cfg.data.root, base),

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from circuitray import registry
+from circuitray import registry, storage
 from circuitray.config import to_dict
 from circuitray.errors import (
     CircuitrayError,
@@ -37,7 +37,7 @@ from circuitray.errors import (
 )
 from circuitray.evaluation import NEAR_CHANCE
 from circuitray.isolation import RECOVERABLE, MetricFailure, attempt, reasons
-from circuitray.job_config import JobConfig, ReduceConfig
+from circuitray.job_config import JobConfig, ReduceConfig, check_tracking_target
 from circuitray.registry import (
     PLUGINS,
     SOURCES,
@@ -136,6 +136,24 @@ def checkpoint_files(layout: JobLayout, marker: pd.DataFrame) -> CheckpointFiles
     return CheckpointFiles(task=task, checkpoint=cid,
                            id_domain=str(ids.iloc[0]) if len(ids) else "",
                            edges=edges, outputs=outputs, checksums=checksums)
+
+
+_READ_THREADS = 8  # reads of one checkpoint's files in flight at once (I/O, not compute)
+
+
+def _read_all(paths: Mapping[str, str], checksums: Mapping[str, str]
+              ) -> dict[str, Callable[[], pa.Table]]:
+    """Every domain's file of one source read at once in a thread pool (the reads are I/O
+    bound: an object store's latency, or a disk; bench/reads.py: 2.3x faster than one by
+    one on 2,400 files, and faster than a pyarrow.dataset scan, which cannot check that the
+    bytes it parses are the marker's). Per domain, a call that returns the table or raises
+    the read's error, so failures are recorded in domain order, as before."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(_READ_THREADS, max(1, len(paths)))) as pool:
+        futures = {dom: pool.submit(_read_table, path, checksums[path])
+                   for dom, path in paths.items()}
+    return {dom: future.result for dom, future in futures.items()}
 
 
 def _read_table(path: str, checksum: str) -> pa.Table:
@@ -364,9 +382,9 @@ def checkpoint_metrics(files: CheckpointFiles, r: ReduceConfig, threads: int = 1
             for source in SOURCES:
                 paths = files.edges if source == "edges" else files.outputs
                 src = _Source(files, r, {}, {}, fails)
-                for dom, path in paths.items():
-                    src.tables[dom] = attempt(partial(_read_table, path, files.checksums[path]),
-                                              fails, f"read {source}", domain=dom, **where)
+                for dom, read in _read_all(paths, files.checksums).items():
+                    src.tables[dom] = attempt(read, fails, f"read {source}", domain=dom,
+                                              **where)
                     if src.tables[dom] is None:
                         src.read_errors[dom] = fails[-1].reason
                 for name in families(source):
@@ -449,10 +467,9 @@ def write_reduce_failures(layout: JobLayout, failures: pd.DataFrame) -> None:
         first = rows["error"].iloc[0].splitlines()[0]
         log.warning(f"[reduce] {cid}: {len(rows)} metric failure(s), NaN in metrics/ with a "
                     f"reason; first: {first}")
-    folder = layout.reduce_failure_file("-").parent
-    for old in folder.glob("*.parquet") if folder.is_dir() else []:
+    for old in storage.list_files(layout.reduce_failure_file("-").parent, ".parquet"):
         if old not in keep:
-            old.unlink()
+            storage.delete(old)
 
 
 def _join_reasons(columns: pd.DataFrame) -> pd.Series:
@@ -736,7 +753,8 @@ def training_runs_table(frame: pd.DataFrame, manifest: pd.DataFrame, cfg: JobCon
 
 def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
             evals: Mapping[str, pd.DataFrame], cfg: JobConfig, manifest: pd.DataFrame,
-            motif: Mapping[str, Any], notes: list[str], runs: pd.DataFrame | None = None
+            motif: Mapping[str, Any], notes: list[str], runs: pd.DataFrame | None = None,
+            fig_dir: Path | None = None
             ) -> list[Path]:
     """Every figure DESIGN §6 asks for that the data at hand supports; one that cannot be
     drawn (e.g. no proxy domain with a finite metric to calibrate the alarm) is noted and
@@ -748,7 +766,7 @@ def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
     """
     from circuitray import plots
 
-    fig_dir = layout.figures
+    fig_dir = fig_dir or layout.figures
     paths: list[Path] = []
 
     def draw(what: str, fn: Any) -> None:
@@ -1000,6 +1018,18 @@ def _log_mlflow(cfg: JobConfig, layout: JobLayout, manifest: pd.DataFrame, frame
                          "circuitray.config_hash": _config_hash(cfg)})
 
 
+def _drawn_into(layout: JobLayout, draw: Callable[[Path | None], list[Path]]) -> list[Any]:
+    """`draw(folder)` into `<out>/figures`; for an object-store output matplotlib draws into
+    a local temporary folder and each figure is then uploaded in one PUT."""
+    if not layout.remote:
+        return draw(None)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="circuitray-figures-") as tmp:
+        return [storage.write_bytes(layout.figures / p.name, p.read_bytes())
+                for p in draw(Path(tmp))]
+
+
 def check_ready(plan: JobPlan, failed: set[str]) -> None:
     """Refuse to reduce when a planned checkpoint that did not fail has a stale, damaged or
     missing domain: its numbers would be from another setting, or silently absent."""
@@ -1064,6 +1094,7 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
     start = time.perf_counter()
     load_plugins(cfg.reduce.plugins)
     layout = JobLayout.of(cfg.output_dir)
+    check_tracking_target(str(layout.root), cfg.tracking.enabled)
     _sweep_temporaries(layout)
     stamp = layout.evaluation / "_reduce.json"
     plan = plan_job(cfg, validate_images=False)
@@ -1071,9 +1102,10 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
     failed = set(discover_failures.checkpoint) & {c.checkpoint for c in plan.todo}
     check_ready(plan, failed)
     fp = fingerprint(plan, cfg, failed)
-    if not force and stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fp:
+    last = json.loads(storage.read_text(stamp)) if storage.exists(stamp) else {}
+    if not force and last.get("fingerprint") == fp:
         log.info("[reduce] up to date: inputs and config unchanged, nothing recomputed")
-        return ReduceResult(skipped=True, run_id=json.loads(stamp.read_text()).get("run_id"))
+        return ReduceResult(skipped=True, run_id=last.get("run_id"))
     domains = domains_frame(plan)
     if domains.empty:
         raise CircuitrayError(f"{layout.root}: no completed checkpoints to reduce "
@@ -1092,7 +1124,7 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
         if not df.empty:
             result.tables[name] = write_parquet_atomic(df, layout.metrics / f"{name}.parquet")
         else:  # e.g. no plug-in registered any more: no table left from an earlier run
-            (layout.metrics / f"{name}.parquet").unlink(missing_ok=True)
+            storage.delete(layout.metrics / f"{name}.parquet")
     result.tables["domains"] = write_parquet_atomic(frame, layout.metrics / "domains.parquet")
     result.tables["models"] = write_parquet_atomic(all_models, layout.metrics / "models.parquet")
     evals = evaluate_all(frame[frame.checkpoint.isin(finals)], models, cfg, result.notes)
@@ -1106,9 +1138,9 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
     runs = _safe(lambda: training_runs_table(frame, manifest, cfg, result.notes),
                  result.notes, "DDB over training")
     if cfg.reduce.figures:
-        result.figures = _safe(lambda: figures(layout, frame, models, evals, cfg, manifest,
-                                               motif, result.notes, runs),
-                               result.notes, "figures") or []
+        result.figures = _safe(lambda: _drawn_into(layout, lambda where: figures(
+            layout, frame, models, evals, cfg, manifest, motif, result.notes, runs, where)),
+            result.notes, "figures") or []
     if runs is not None and not runs.empty:
         drawn = {p.name for p in result.figures}
         runs["figure"] = [f"figures/{training_figure_name(g)}"
@@ -1117,7 +1149,7 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
         result.tables["ddb_over_training"] = write_parquet_atomic(
             runs, layout.evaluation / "ddb_over_training.parquet")
     else:  # no OOD rows any more: no table left from an earlier run
-        (layout.evaluation / "ddb_over_training.parquet").unlink(missing_ok=True)
+        storage.delete(layout.evaluation / "ddb_over_training.parquet")
     result.frames = {"domains": frame, "models": models, **evals,
                      "reduce_failures": reduce_failures}
     if isinstance(motif.get("summary"), pd.DataFrame):
