@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -101,6 +101,52 @@ def _constant(kind: str, severity: int, images: torch.Tensor, scale: Scale):
     return _C[kind][0 if scale == "cifar" else 1][severity - 1]
 
 
+class Draws:
+    """Where a batch's random numbers come from: one generator for the whole batch
+    (`corrupt(seed=)`) or one per item (`corrupt(seeds=)`).
+
+    Kinds draw through it with the batch as the first dimension. Per item, each draw is
+    taken item by item from that item's generator, in the order the kind draws, so item i
+    gets exactly the numbers a 1-image batch seeded seeds[i] gets: a domain corrupted in
+    batches equals the same domain corrupted image by image.
+    """
+
+    def __init__(self, gens: list[torch.Generator], per_item: bool):
+        self.gens, self.per_item = gens, per_item
+
+    @classmethod
+    def of(cls, g: torch.Generator | Draws) -> Draws:
+        return g if isinstance(g, Draws) else cls([g], per_item=False)
+
+    @classmethod
+    def seeded(cls, seeds: list[int]) -> Draws:
+        return cls([torch.Generator().manual_seed(int(s)) for s in seeds], per_item=True)
+
+    def item(self, i: int) -> torch.Generator:
+        """The generator image i's own draws come from (the shared one, in batch order)."""
+        return self.gens[i] if self.per_item else self.gens[0]
+
+    def _each(self, fn: Callable[..., torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        if not self.per_item:
+            return fn(shape, self.gens[0])
+        return torch.stack([fn(shape[1:], g) for g in self.gens])
+
+    def rand(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self._each(lambda s, g: torch.rand(s, generator=g, dtype=dtype), tuple(shape))
+
+    def randn(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self._each(lambda s, g: torch.randn(s, generator=g, dtype=dtype), tuple(shape))
+
+    def randint(self, low: int, high: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return self._each(lambda s, g: torch.randint(low, high, s, generator=g), tuple(shape))
+
+    def poisson(self, rates: torch.Tensor) -> torch.Tensor:
+        if not self.per_item:
+            return torch.poisson(rates, generator=self.gens[0])
+        return torch.stack([torch.poisson(r, generator=g) for r, g in zip(rates, self.gens,
+                                                                            strict=True)])
+
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -166,13 +212,15 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _octave_noise(b: int, size: int, decay: float, gen: torch.Generator) -> torch.Tensor:
+def _octave_noise(b: int, size: int, decay: float, gen: torch.Generator | Draws
+                  ) -> torch.Tensor:
     """Plasma-like fractal noise [B,1,size,size] in [0,1]: octave k has amplitude decay^-k."""
+    draws = Draws.of(gen)
     out = torch.zeros(b, 1, size, size)
     levels = max(1, int(math.log2(size)))
     for k in range(levels):
         n = 2 ** (k + 1)
-        layer = torch.rand(b, 1, n + 1, n + 1, generator=gen) - 0.5
+        layer = draws.rand((b, 1, n + 1, n + 1)) - 0.5
         out += F.interpolate(layer, size=(size, size), mode="bicubic", align_corners=True) \
             * decay ** (-k)
     flat = out.flatten(1)
@@ -180,16 +228,17 @@ def _octave_noise(b: int, size: int, decay: float, gen: torch.Generator) -> torc
     return (out - lo) / (hi - lo).clamp_min(1e-12)
 
 
-def _plasma(b: int, size: int, decay: float, gen: torch.Generator) -> torch.Tensor:
+def _plasma(b: int, size: int, decay: float, gen: torch.Generator | Draws) -> torch.Tensor:
     """Diamond-square plasma fractal [B,1,size,size] in [0, 1] (size a power of two), as
     ImageNet-C's `plasma_fractal`: each midpoint is the mean of its 4 neighbours (wrapping)
     plus wibble * U(-wibble, wibble), wibble starting at 100 and divided by `decay` per level.
     """
+    draws = Draws.of(gen)
     m = torch.zeros(b, size, size, dtype=torch.float64)
     step, wibble = size, 100.0
 
     def noisy(mean4: torch.Tensor) -> torch.Tensor:
-        u = torch.rand(mean4.shape, generator=gen, dtype=torch.float64) * 2 - 1
+        u = draws.rand(mean4.shape, torch.float64) * 2 - 1
         return mean4 / 4 + wibble * wibble * u
 
     while step >= 2:
@@ -224,21 +273,22 @@ def _base_grid(b: int, h: int, w: int) -> torch.Tensor:
 
 
 def _gaussian_noise(x, c, g):
-    return x + torch.randn(x.shape, generator=g).to(x) * c
+    return x + Draws.of(g).randn(x.shape).to(x) * c
 
 
 def _shot_noise(x, c, g):
-    return torch.poisson(x.cpu() * c, generator=g).to(x) / c
+    return Draws.of(g).poisson(x.cpu() * c).to(x) / c
 
 
 def _impulse_noise(x, c, g):
-    u = torch.rand(x.shape, generator=g).to(x)
-    salt = torch.rand(x.shape, generator=g).to(x) < 0.5
+    draws = Draws.of(g)
+    u = draws.rand(x.shape).to(x)
+    salt = draws.rand(x.shape).to(x) < 0.5
     return torch.where(u < c, salt.to(x.dtype), x)
 
 
 def _speckle_noise(x, c, g):
-    return x + x * torch.randn(x.shape, generator=g).to(x) * c
+    return x + x * Draws.of(g).randn(x.shape).to(x) * c
 
 
 def _gaussian_blur_kind(x, c, g):
@@ -274,6 +324,7 @@ def _glass_blur(x, c, g):
     per-image Python loop on an index map (~30 ms per 224-px image and iteration).
     """
     sigma, delta, iters = c
+    draws = Draws.of(g)
     b, _, h, w = x.shape
     x = torch.floor(_gaussian_blur(x, sigma, "replicate") * 255).clamp(0, 255) / 255
     rows, cols = range(h - delta, delta, -1), range(w - delta, delta, -1)
@@ -282,12 +333,12 @@ def _glass_blur(x, c, g):
     for i in range(b):
         perm = list(range(h * w))
         for _ in range(iters):
-            draws = torch.randint(-delta, delta, (n, 2), generator=g).tolist()
+            moves = torch.randint(-delta, delta, (n, 2), generator=draws.item(i)).tolist()
             k = 0
             for r in rows:
                 base = r * w
                 for col in cols:
-                    dx, dy = draws[k]
+                    dx, dy = moves[k]
                     k += 1
                     perm[base + col] = perm[base + dy * w + col + dx]
         idx = torch.tensor(perm, device=x.device)
@@ -334,7 +385,7 @@ def _motion_blur(x, c, g, angle: float | None = None):
     radius, sigma = c
     b = x.shape[0]
     angles = [angle] * b if angle is not None else \
-        (torch.rand(b, generator=g, dtype=torch.float64) * 90 - 45).tolist()
+        (Draws.of(g).rand((b,), torch.float64) * 90 - 45).tolist()
     return _motion_blur_at(x, radius, sigma, angles)
 
 
@@ -377,16 +428,18 @@ def _frost(x, c, g, photo: int | None = None, top: int | None = None,
     """keep * x + amount * frost, the frost a random crop of one of the reference's
     photographs (when installed, see `frost_source`), else a procedural ice texture."""
     keep, amount = c
+    draws = Draws.of(g)
     b, _, h, w = x.shape
     if frost_source() == "procedural":
-        return keep * x + amount * _procedural_frost(b, h, w, g).to(x)
+        return keep * x + amount * _procedural_frost(b, h, w, draws).to(x)
     layers = []
-    for _ in range(b):
-        p = int(torch.randint(0, len(_FROST_FILES), (1,), generator=g)) if photo is None else photo
+    for i in range(b):
+        gi = draws.item(i)
+        p = int(torch.randint(0, len(_FROST_FILES), (1,), generator=gi)) if photo is None else photo
         img = _frost_photo(p, h, w)
         ph, pw = img.shape[1:]
-        t = int(torch.randint(0, max(1, ph - h), (1,), generator=g)) if top is None else top
-        lft = int(torch.randint(0, max(1, pw - w), (1,), generator=g)) if left is None else left
+        t = int(torch.randint(0, max(1, ph - h), (1,), generator=gi)) if top is None else top
+        lft = int(torch.randint(0, max(1, pw - w), (1,), generator=gi)) if left is None else left
         layers.append(img[:, t:t + h, lft:lft + w])
     return keep * x + amount * torch.stack(layers).to(x)
 
@@ -478,16 +531,17 @@ def _frost_photo(index: int, h: int, w: int) -> torch.Tensor:
     return img.round().clamp(0, 255) / 255
 
 
-def _procedural_frost(b: int, h: int, w: int, g: torch.Generator) -> torch.Tensor:
+def _procedural_frost(b: int, h: int, w: int, g: torch.Generator | Draws) -> torch.Tensor:
     """Bright, bluish, crystalline octave noise [B,3,H,W], each image given the per-channel
     mean and spread of one photograph drawn at random (`_FROST_STATS`)."""
+    draws = Draws.of(g)
     size = 2 ** math.ceil(math.log2(max(h, w)))
-    coarse = _octave_noise(b, size, 1.6, g)[..., :h, :w]
-    fine = _octave_noise(b, size, 0.8, g)[..., :h, :w]  # decay < 1: high frequencies dominate
+    coarse = _octave_noise(b, size, 1.6, draws)[..., :h, :w]
+    fine = _octave_noise(b, size, 0.8, draws)[..., :h, :w]  # decay < 1: high frequencies dominate
     ice = (0.55 * coarse + 0.45 * fine) ** 1.5
     flat = ice.flatten(1)
     ice = (ice - flat.mean(1).view(b, 1, 1, 1)) / flat.std(1).clamp_min(1e-6).view(b, 1, 1, 1)
-    pick = torch.randint(0, len(_FROST_STATS), (b,), generator=g)
+    pick = draws.randint(0, len(_FROST_STATS), (b,))
     stats = torch.tensor(_FROST_STATS)[pick]  # [B, 2, 3]
     mean, std = stats[:, 0].view(b, 3, 1, 1), stats[:, 1].view(b, 3, 1, 1)
     return (mean + std * ice).clamp(0, 1)
@@ -518,8 +572,9 @@ def _snow(x, c, g, angle: float | None = None):
     """ImageNet-C's snow: thresholded, zoomed Gaussian flakes, motion-blurred at an angle in
     [-135, -45] degrees, added twice (as is and rotated 180 degrees) to a whitened image."""
     loc, scale, zoom, thr, radius, sigma, keep = c
+    draws = Draws.of(g)
     b, _, h, w = x.shape
-    layer = torch.randn(b, 1, h, w, generator=g, dtype=torch.float64) * scale + loc
+    layer = draws.randn((b, 1, h, w), torch.float64) * scale + loc
     ch, cw = math.ceil(h / zoom), math.ceil(w / zoom)
     top, left = (h - ch) // 2, (w - cw) // 2
     layer = layer[..., top:top + ch, left:left + cw]
@@ -528,7 +583,7 @@ def _snow(x, c, g, angle: float | None = None):
         layer = F.interpolate(layer, size=size, mode="bilinear", align_corners=True)
     layer = torch.where(layer < thr, torch.zeros_like(layer), layer).clamp(0, 1).float()
     angles = [angle] * b if angle is not None else \
-        (torch.rand(b, generator=g, dtype=torch.float64) * 90 - 135).tolist()
+        (draws.rand((b,), torch.float64) * 90 - 135).tolist()
     layer = _motion_blur_at(layer, radius, sigma, angles)
     layer = (torch.round(layer * 255) / 255)[..., :h, :w].to(x)
     x = keep * x + (1 - keep) * torch.maximum(x, _gray(x) * 1.5 + 0.5)
@@ -622,7 +677,7 @@ def _spatter(x, c, g):
     (severities 4-5): brown blobs replacing the image where the blurred mask exceeds 0.8."""
     loc, scale, sigma, thr, intensity, mud = c
     b, _, h, w = x.shape
-    liquid = torch.randn(b, 1, h, w, generator=g, dtype=torch.float64) * scale + loc
+    liquid = Draws.of(g).randn((b, 1, h, w), torch.float64) * scale + loc
     liquid = _gaussian_blur(liquid, sigma, "replicate")
     liquid = torch.where(liquid < thr, torch.zeros_like(liquid), liquid)
     if mud:
@@ -660,7 +715,7 @@ def _contrast(x, c, g):
     return (x - means) * c + means
 
 
-def _elastic_fields(b: int, h: int, w: int, c, g: torch.Generator
+def _elastic_fields(b: int, h: int, w: int, c, g: torch.Generator | Draws
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """ImageNet-C's elastic warp as (affine source pixels [B,H,W,2], local displacement).
 
@@ -673,9 +728,11 @@ def _elastic_fields(b: int, h: int, w: int, c, g: torch.Generator
     centre = torch.tensor([w // 2, h // 2], dtype=torch.float64)
     sq = size // 3
     src = torch.stack([centre + sq, centre + torch.tensor([sq, -sq]), centre - sq])  # (x, y)
+    draws = Draws.of(g)
     mats = []
-    for _ in range(b):
-        dst = src + (torch.rand(3, 2, generator=g, dtype=torch.float64) * 2 - 1) * affine
+    for i in range(b):
+        dst = src + (torch.rand(3, 2, generator=draws.item(i), dtype=torch.float64) * 2 - 1) \
+            * affine
         a = torch.cat([dst, torch.ones(3, 1, dtype=torch.float64)], 1)
         mats.append(torch.linalg.solve(a, src))  # output (dst) pixel -> input (src) pixel
     inv = torch.stack(mats).float()  # [B,3,2]
@@ -685,7 +742,7 @@ def _elastic_fields(b: int, h: int, w: int, c, g: torch.Generator
     src_px = torch.einsum("hwk,bkj->bhwj", homog, inv)  # [B,H,W,2] in pixels (x, y)
     local = torch.zeros(b, h, w, 2)
     if alpha > 0 and sigma > 0:
-        d = torch.rand(b, 2, h, w, generator=g) * 2 - 1
+        d = draws.rand((b, 2, h, w)) * 2 - 1
         local = (_gaussian_blur(d, sigma) * alpha).permute(0, 2, 3, 1)
     return src_px, local
 
@@ -748,7 +805,7 @@ def _jpeg(x, c, g):
     return torch.from_numpy(out).permute(0, 3, 1, 2).to(x.device, torch.float32) / 255
 
 
-_KINDS: dict[str, Callable[[torch.Tensor, object, torch.Generator], torch.Tensor]] = {
+_KINDS: dict[str, Callable[[torch.Tensor, object, torch.Generator | Draws], torch.Tensor]] = {
     "gaussian_noise": _gaussian_noise, "shot_noise": _shot_noise,
     "impulse_noise": _impulse_noise, "speckle_noise": _speckle_noise,
     "gaussian_blur": _gaussian_blur_kind, "defocus_blur": _defocus_blur,
@@ -761,20 +818,26 @@ _KINDS: dict[str, Callable[[torch.Tensor, object, torch.Generator], torch.Tensor
 
 
 def corrupt(images: torch.Tensor, kind: str, severity: int, *, seed: int = 0,
-            scale: Scale = "auto") -> torch.Tensor:
+            seeds: Sequence[int] | None = None, scale: Scale = "auto") -> torch.Tensor:
     """Corrupt a batch of [0, 1] images [B, 3, H, W]; returns a new tensor in [0, 1].
 
-    Same (images, kind, severity, seed) -> same output. `scale` picks the published constants
-    (auto: CIFAR-10-C's for images up to 64 px, ImageNet-C's above).
+    Same (images, kind, severity, seed) -> same output. With `seeds` (one per image) each
+    image draws from its own generator instead of the batch sharing one (`seed`): image i
+    then comes out as `corrupt(images[i:i+1], ..., seed=seeds[i])` does, however the images
+    are batched (tests/test_shift_batch.py). `scale` picks the published constants (auto:
+    CIFAR-10-C's for images up to 64 px, ImageNet-C's above).
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise InputError(f"corrupt: expected images [B, 3, H, W], got {tuple(images.shape)}")
     if not images.is_floating_point():
         raise InputError(f"corrupt: expected float images in [0, 1], got {images.dtype}")
+    if seeds is not None and len(seeds) != images.shape[0]:
+        raise InputError(f"corrupt: {len(seeds)} seeds for a batch of {images.shape[0]} images")
     c = _constant(kind, severity, images, scale)
-    gen = torch.Generator().manual_seed(int(seed))
+    draws = Draws.seeded(list(seeds)) if seeds is not None else \
+        Draws.of(torch.Generator().manual_seed(int(seed)))
     with torch.no_grad():
-        out = _KINDS[kind](images.float(), c, gen)
+        out = _KINDS[kind](images.float(), c, draws)
     return out.clamp(0, 1).to(images.dtype)
 
 
