@@ -739,7 +739,9 @@ def _elastic_fields(b: int, h: int, w: int, c, g: torch.Generator | Draws
     px = torch.stack(torch.meshgrid(torch.arange(w, dtype=torch.float32),
                                     torch.arange(h, dtype=torch.float32), indexing="xy"), -1)
     homog = torch.cat([px, torch.ones(h, w, 1)], -1)  # [H,W,3]
-    src_px = torch.einsum("hwk,bkj->bhwj", homog, inv)  # [B,H,W,2] in pixels (x, y)
+    # [B,H,W,2] in pixels (x, y); one product per image: a batched einsum rounds differently
+    # from a single image's once B > 5, and item i must not depend on its batch
+    src_px = torch.stack([homog @ m for m in inv])
     local = torch.zeros(b, h, w, 2)
     if alpha > 0 and sigma > 0:
         d = draws.rand((b, 2, h, w)) * 2 - 1
@@ -845,8 +847,9 @@ class ShiftedDataset(Dataset):
     """A dataset whose images are corrupted before the model's normalization.
 
     `base` must be one of circuitray's image datasets (it exposes `unit(i)`, the [0, 1] image
-    at the model's resolution, and `normalize`). Item i is corrupted with seed (seed, i), so a
-    domain is identical however it is batched. Its items carry the domain name `name`, the
+    at the model's resolution, and `normalize`). Item i is corrupted with its own seed
+    (seed * 1_000_003 + i), so a domain is identical however it is batched; a DataLoader's
+    batches are corrupted whole (`__getitems__`). Its items carry the domain name `name`, the
     job's one name for a shifted domain (`shift:<kind>:<severity>` unless told otherwise,
     e.g. `proxy:<kind>:<severity>` for the alarm's proxies).
     """
@@ -867,11 +870,19 @@ class ShiftedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    def units(self, indices: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+        """Items `indices` as [0, 1] images [B, 3, H, W] (and their labels), corrupted as one
+        batch, item i with its own seed (seed * 1_000_003 + i): the same pixels as one at a
+        time, at a fraction of the per-call cost."""
+        items = [self.base.unit(i) for i in indices]
+        images = torch.stack([item[0] for item in items])
+        shifted = corrupt(images, self.kind, self.severity, scale=self.scale,
+                          seeds=[self.seed * 1_000_003 + i for i in indices])
+        return shifted, [item[1] for item in items]
+
     def unit(self, index: int) -> tuple[torch.Tensor, int, str]:
-        image, label, _ = self.base.unit(index)
-        shifted = corrupt(image[None], self.kind, self.severity,
-                          seed=self.seed * 1_000_003 + index, scale=self.scale)[0]
-        return shifted, label, self.name
+        images, labels = self.units([index])
+        return images[0], labels[0], self.name
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return self.base.normalize(images)
@@ -879,3 +890,10 @@ class ShiftedDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
         image, label, domain = self.unit(index)
         return self.normalize(image), label, domain
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int, str]]:
+        """A DataLoader's batch in one `units` call (torch calls this instead of __getitem__
+        per index; `Subset` and `RememberedItems` pass it on)."""
+        images, labels = self.units(indices)
+        images = self.normalize(images)
+        return [(images[k], labels[k], self.name) for k in range(len(labels))]
