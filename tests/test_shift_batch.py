@@ -46,16 +46,19 @@ def photos() -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", CORRUPTIONS)
 @pytest.mark.parametrize("size", [32, 96])  # CIFAR-10-C's constants, ImageNet-C's
-def test_batched_corruption_equals_image_by_image(photos, kind, size) -> None:
+def test_batched_corruption_equals_image_by_image(photos, kind, size, monkeypatch) -> None:
     x = photos if size == 32 else torch.nn.functional.interpolate(photos[:3], size=size,
                                                                    mode="bilinear")
     seeds = [5 * 1_000_003 + i for i in range(len(x))]
     batched = corrupt(x, kind, 3, seeds=seeds)
     for i, seed in enumerate(seeds):
         assert torch.equal(batched[i:i + 1], corrupt(x[i:i + 1], kind, 3, seed=seed)), (kind, i)
-    # an item's pixels do not depend on its batch-mates or its place in the batch
+    # an item's pixels do not depend on its batch-mates, its place in the batch, or the
+    # slices `corrupt` cuts a batch into
     flipped = corrupt(x.flip(0), kind, 3, seeds=seeds[::-1])
     assert torch.equal(flipped, batched.flip(0))
+    monkeypatch.setattr(shifts, "CHUNK_BYTES", 2 * x[0].numel() * 4)
+    assert torch.equal(corrupt(x, kind, 3, seeds=seeds), batched)
 
 
 def test_seeds_must_match_the_batch(photos) -> None:
