@@ -841,10 +841,11 @@ _KINDS: dict[str, Callable[[torch.Tensor, object, torch.Generator | Draws], torc
 }
 
 
-# With per-image seeds, `corrupt` works on slices of at most this many bytes of images: whole
-# 224-px batches of 32 (19 MB) run the elementwise chains from memory and were measured up
-# to 2x slower than one image at a time (bench/shift_batch.py).
-CHUNK_BYTES = 2 ** 21
+# With per-image seeds, `corrupt` works on the CPU in slices of at most this many bytes of
+# images (at least one image), about a core's L2 cache: whole 224-px batches of 32 (19 MB) ran
+# the elementwise chains from memory, measured 0.5-0.6x the speed of one image at a time
+# (bench/shift_batch.py). Small images still go whole (a 32-px batch of 32 is 384 KB).
+CHUNK_BYTES = 2 ** 20
 
 
 def corrupt(images: torch.Tensor, kind: str, severity: int, *, seed: int = 0,
@@ -868,10 +869,12 @@ def corrupt(images: torch.Tensor, kind: str, severity: int, *, seed: int = 0,
     with torch.no_grad():
         if seeds is None:
             out = _KINDS[kind](x, c, Draws.of(torch.Generator().manual_seed(int(seed))))
-        else:  # items are independent: work in slices that stay in cache
-            step = max(1, CHUNK_BYTES // (x[0].numel() * x.element_size()))
-            out = torch.cat([_KINDS[kind](x[k:k + step], c, Draws.seeded(seeds[k:k + step]))
-                             for k in range(0, len(x), step)])
+        else:  # items are independent: on the CPU, work in slices that stay in cache
+            image_bytes = max(1, x.shape[1:].numel() * x.element_size())
+            step = max(1, CHUNK_BYTES // image_bytes if x.device.type == "cpu" else len(x))
+            parts = [_KINDS[kind](x[k:k + step], c, Draws.seeded(seeds[k:k + step]))
+                     for k in range(0, len(x), step)]
+            out = torch.cat(parts) if parts else x.clone()
     return out.clamp(0, 1).to(images.dtype)
 
 
