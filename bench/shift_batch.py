@@ -4,7 +4,7 @@ Per image is what `ShiftedDataset` did before batching: one `corrupt` call per i
 own seed. Batched is one `corrupt(seeds=...)` call per batch of 32, the discover path now;
 both give the same pixels (checked here too, column "same"). One torch thread, severity 3, 32
 images per batch at 32 px (CIFAR-10-C's constants) and 224 px (ImageNet-C's), the two modes
-timed alternately in each repeat, repeated at least MIN_REPEATS times and for at least
+timed in turns (which goes first alternates), repeated at least MIN_REPEATS times and for at least
 MIN_SECONDS; images/second is the median over repeats, and the speedup is given from the
 medians and from the best repeats (less sensitive to other jobs on a shared machine).
 Decoding is not included. Compare within a run, not across runs.
@@ -52,13 +52,15 @@ def _measure(kind: str, x) -> dict[str, float | bool]:
     per_image, batched = [], []
     while len(per_image) < MAX_REPEATS and (len(per_image) < MIN_REPEATS
                                             or sum(per_image) + sum(batched) < MIN_SECONDS):
-        t0 = time.perf_counter()
-        one = torch.cat([corrupt(x[i:i + 1], kind, SEVERITY, seed=s) for i, s in enumerate(seeds)])
-        t1 = time.perf_counter()
-        many = corrupt(x, kind, SEVERITY, seeds=seeds)
-        t2 = time.perf_counter()
-        per_image.append(t1 - t0)
-        batched.append(t2 - t1)
+        for mode in ("per_image", "batched")[::1 if len(per_image) % 2 else -1]:  # alternate
+            t0 = time.perf_counter()
+            if mode == "per_image":
+                one = torch.cat([corrupt(x[i:i + 1], kind, SEVERITY, seed=s)
+                                 for i, s in enumerate(seeds)])
+                per_image.append(time.perf_counter() - t0)
+            else:
+                many = corrupt(x, kind, SEVERITY, seeds=seeds)
+                batched.append(time.perf_counter() - t0)
     a, b = statistics.median(per_image), statistics.median(batched)
     return {"per_image_img_s": round(len(x) / a, 1), "batched_img_s": round(len(x) / b, 1),
             "speedup": round(a / b, 2), "speedup_best": round(min(per_image) / min(batched), 2),

@@ -2,7 +2,9 @@
 
 Why our own: the reference `imagecorruptions` package breaks on numpy 2, and per-image numpy
 loops are far too slow to build proxy domains for hundreds of checkpoints. Everything here
-works on float images in [0, 1], shape [B, 3, H, W], on any device, deterministic under `seed`.
+works on float images in [0, 1], shape [B, 3, H, W], on any device, deterministic under `seed`
+(one generator for the batch) or `seeds` (one per image: each image's pixels then do not
+depend on how images are batched, which is how shifted domains are corrupted, see `Draws`).
 
 Constants are the published ones (Hendrycks & Dietterich 2019, make_cifar_c.py /
 make_imagenet_c.py): CIFAR-10-C's for images of at most 64 px, ImageNet-C's above
@@ -869,13 +871,15 @@ def corrupt(images: torch.Tensor, kind: str, severity: int, *, seed: int = 0,
     with torch.no_grad():
         if seeds is None:
             out = _KINDS[kind](x, c, Draws.of(torch.Generator().manual_seed(int(seed))))
-        else:  # items are independent: on the CPU, work in slices that stay in cache
-            image_bytes = max(1, x.shape[1:].numel() * x.element_size())
-            step = max(1, CHUNK_BYTES // image_bytes if x.device.type == "cpu" else len(x))
-            parts = [_KINDS[kind](x[k:k + step], c, Draws.seeded(seeds[k:k + step]))
-                     for k in range(0, len(x), step)]
-            out = torch.cat(parts) if parts else x.clone()
-    return out.clamp(0, 1).to(images.dtype)
+            return out.clamp(0, 1).to(images.dtype)
+        # items are independent: on the CPU, work (and clamp) in slices that stay in cache
+        image_bytes = max(1, x.shape[1:].numel() * x.element_size())
+        step = max(1, CHUNK_BYTES // image_bytes if x.device.type == "cpu" else len(x))
+        out = torch.empty_like(images)
+        for k in range(0, len(x), step):
+            out[k:k + step] = _KINDS[kind](x[k:k + step], c,
+                                           Draws.seeded(seeds[k:k + step])).clamp(0, 1)
+    return out
 
 
 class ShiftedDataset(Dataset):
