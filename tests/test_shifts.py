@@ -169,7 +169,7 @@ def _sequential_glass_sources(h: int, w: int, delta: int, iters: int, g: torch.G
 def test_glass_blur_copies_equal_the_one_pixel_at_a_time_loop(h, w, delta, iters) -> None:
     from circuitray.data.shifts import Draws, _glass_sources
 
-    got = _glass_sources(3, h, w, delta, iters, Draws.seeded([4, 5, 6]))
+    got = _glass_sources(range(3), h, w, delta, iters, Draws.seeded([4, 5, 6]))
     for i, seed in enumerate((4, 5, 6)):
         want = _sequential_glass_sources(h, w, delta, iters, torch.Generator().manual_seed(seed))
         assert got[i].tolist() == want

@@ -315,9 +315,9 @@ def _defocus_blur(x, c, g):
     return _conv_same(x, disk)
 
 
-def _glass_sources(b: int, h: int, w: int, delta: int, iters: int, draws: Draws
+def _glass_sources(items: range, h: int, w: int, delta: int, iters: int, draws: Draws
                    ) -> torch.Tensor:
-    """Which pixel each pixel of each image ends up with, [B, H*W], after the reference's
+    """Which pixel each pixel of images `items` ends up with, [B, H*W], after the reference's
     sequential copies: pixels (r, c), r, c in (delta, side - delta], bottom-right to top-left,
     each take the current value at (r + dy, c + dx), (dx, dy) uniform in [-delta, delta - 1].
 
@@ -330,8 +330,9 @@ def _glass_sources(b: int, h: int, w: int, delta: int, iters: int, draws: Draws
     cols = torch.arange(w - delta, delta, -1)
     visit = (rows[:, None] * w + cols[None, :]).flatten()  # in the loop's order
     n = visit.numel()
+    b = len(items)
     moves = torch.stack([torch.stack([torch.randint(-delta, delta, (n, 2), generator=draws.item(i))
-                                      for _ in range(iters)]) for i in range(b)])  # [B,it,n,2]
+                                      for _ in range(iters)]) for i in items])  # [B,it,n,2]
     region = torch.zeros(h * w, dtype=torch.bool)
     region[visit] = True
     ident = torch.arange(h * w).expand(b, h * w)
@@ -364,7 +365,9 @@ def _glass_blur(x, c, g):
     sigma, delta, iters = c
     b, _, h, w = x.shape
     x = torch.floor(_gaussian_blur(x, sigma, "replicate") * 255).clamp(0, 255) / 255
-    src = _glass_sources(b, h, w, delta, iters, Draws.of(g)).to(x.device)
+    draws = Draws.of(g)  # 64 images at a time: the index maps are int64, 8x the pixels
+    src = torch.cat([_glass_sources(range(k, min(k + 64, b)), h, w, delta, iters, draws)
+                     for k in range(0, b, 64)]).to(x.device)
     out = x.reshape(b, 3, h * w).gather(2, src[:, None].expand(b, 3, h * w)).view(b, 3, h, w)
     return _gaussian_blur(out, sigma, "replicate")
 
