@@ -82,6 +82,19 @@ def session_processes(session: int) -> dict[int, str]:
     return found
 
 
+def pids_running(fragment: str) -> list[int]:
+    """pids of the processes whose command line contains `fragment`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if fragment.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
 def _socket_addresses() -> dict[str, tuple[str, int]]:
     """inode -> (address, port) of every listening TCP socket (IPv4 and IPv6)."""
     out = {}
@@ -160,11 +173,17 @@ class RayNode:
         return None
 
     def runs(self, pid: int) -> bool:
-        """Whether `pid` (a Ray worker, the job's driver) belongs to this node."""
-        try:
-            return os.getsid(pid) == self.session
-        except OSError:
-            return False
+        """Whether `pid` belongs to this node: it or an ancestor is in the node's session (a
+        worker is; the job's driver runs in a session of its own under the job's supervisor)."""
+        while pid > 1:
+            try:
+                if os.getsid(pid) == self.session:
+                    return True
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:  # ended meanwhile
+                return False
+            pid = int(stat[stat.rfind(")") + 2:].split()[1])  # the parent
+        return False
 
     def stop(self) -> None:
         """SIGTERM `ray start --block` (it stops its node), then SIGKILL what is left of its
@@ -192,8 +211,9 @@ class LoopbackCluster:
     """
 
     def __init__(self, *, head_ip: str = "127.0.0.1", head_cpus: int = 2,
+                 head_resources: dict[str, float] | None = None,
                  token_dir: Path | None = None, **env: str) -> None:
-        self.head_ip, self.head_cpus = head_ip, head_cpus
+        self.head_ip, self.head_cpus, self.head_resources = head_ip, head_cpus, head_resources
         self.headers: dict[str, str] = {}
         auth = {"RAY_AUTH_MODE": "disabled"}
         if token_dir is not None:
@@ -218,7 +238,7 @@ class LoopbackCluster:
     def __enter__(self) -> LoopbackCluster:
         self.nodes.append(RayNode.start(
             self.env, ip=self.head_ip, num_cpus=self.head_cpus, head_gcs=self.gcs,
-            extra=("--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}",
+            resources=self.head_resources, extra=("--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}",
                    f"--ray-client-server-port={self.client}")))
         return self
 
