@@ -129,3 +129,27 @@ def test_rayjob_has_a_head_a_gpu_group_and_cleans_up() -> None:
     env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert re.fullmatch(r"https://.+/archive/\$\{GIT_COMMIT\}\.zip", env["working_dir"])
     assert env["env_vars"]["CIRCUITRAY_GIT_COMMIT"] == "${GIT_COMMIT}"
+
+
+def test_driver_joins_a_job_whose_runtime_env_sets_the_same_env_vars(monkeypatch) -> None:
+    """Under `ray job submit --runtime-env deploy/runtime_env.yaml` the job's env_vars are in
+    the driver's environment; the driver must not hand them to ray.init again, which Ray
+    refuses ("Failed to merge the Job's runtime env ... because of a conflict")."""
+    import ray
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+
+    from circuitray.runtime import ray_utils
+
+    job_env = _runtime_env_file()
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job_env}))
+    for key, value in job_env["env_vars"].items():  # as the job agent sets them
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # not in the job's env: still handed on
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    ray_utils.ensure_ray("127.0.0.1:1")
+    (call,) = calls
+    driver_env = RuntimeEnv(**(call["runtime_env"] or {}))
+    assert _merge_runtime_env(RuntimeEnv(**job_env), driver_env) is not None
+    assert driver_env["env_vars"] == {"HF_HUB_OFFLINE": "1"}
