@@ -238,7 +238,8 @@ class LoopbackCluster:
     def __enter__(self) -> LoopbackCluster:
         self.nodes.append(RayNode.start(
             self.env, ip=self.head_ip, num_cpus=self.head_cpus, head_gcs=self.gcs,
-            resources=self.head_resources, extra=("--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}",
+            resources=self.head_resources,
+            extra=("--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}",
                    f"--ray-client-server-port={self.client}")))
         return self
 

@@ -12,6 +12,7 @@ other Ray instances on the machine).
 
 from __future__ import annotations
 
+import json
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,6 +22,8 @@ from _jobdata import write_checkpoints
 from _raycluster import LoopbackCluster, wait_http
 from _raycluster import is_loopback as _is_loopback
 from _raycluster import listening as _listening
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.mark.slow
@@ -33,8 +36,12 @@ def test_ray_job_submit_on_loopback_cluster_writes_tables_and_mlflow_runs(tmp_pa
         with pytest.raises(urllib.error.HTTPError) as refused:  # no token, no job
             urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)
         assert refused.value.code == 401
+        # the commit as the README passes it; the job's env_vars overlap the driver's own
+        job_env = {"env_vars": {"CIRCUITRAY_GIT_COMMIT": COMMIT,
+                                "MLFLOW_DISABLE_TELEMETRY": "true"}}
         log = cluster.submit("tiny-job", ["python", "jobs/pipeline.py", "conf/tiny.yaml",
-                                          f"manifest={manifest}", f"output_dir={out}"])
+                                          f"manifest={manifest}", f"output_dir={out}"],
+                             extra=("--runtime-env-json", json.dumps(job_env)))
         from ray.job_submission import JobStatus, JobSubmissionClient
 
         status = JobSubmissionClient(address, headers=auth).get_job_status("tiny-job")
