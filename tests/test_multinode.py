@@ -19,6 +19,8 @@ import os
 import signal
 from pathlib import Path
 
+import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from _jobdata import write_checkpoints
@@ -48,11 +50,12 @@ class _NodeKiller:
         self.driver_on: set[str] = set()  # nodes running the job's driver
 
     def __call__(self) -> None:
-        if not self.driver_on:  # the entrypoint, once it has started
+        running = self.layout.running
+        notes = list(running.glob("*.json")) if running.exists() else []
+        if notes and not self.driver_on:  # tasks run: their driver does too
             self.driver_on = {name for name, node in self.nodes.items()
                               for pid in pids_running("jobs/pipeline.py") if node.runs(pid)}
-        running = self.layout.running
-        for note in list(running.glob("*.json")) if running.exists() else []:
+        for note in notes:
             try:
                 pid = json.loads(note.read_text())["pid"]
             except (OSError, ValueError, KeyError):
@@ -73,7 +76,8 @@ class _NodeKiller:
                 self.killed = cid
 
 
-def _table(root: Path, schema, cid: str):
+def _table(root: Path, schema: pa.Schema, cid: str) -> pd.DataFrame:
+    """One checkpoint's rows of a table, in a fixed order."""
     frame = read_parquet(root, schema).to_pandas()
     keys = [c for c in ("domain", "src", "dst", "example") if c in frame]
     return frame[frame.checkpoint == cid].sort_values(keys).reset_index(drop=True)
