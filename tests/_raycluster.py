@@ -7,6 +7,7 @@ node signals that session alone, never `ray stop` (which would end every Ray on 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -186,18 +187,21 @@ class RayNode:
         return False
 
     def stop(self) -> None:
-        """SIGTERM `ray start --block` (it stops its node), then SIGKILL what is left of its
-        session's process group; nothing else on the machine is touched."""
+        """SIGTERM `ray start --block` (it stops its node), then SIGKILL what is left of the
+        node (its session, and descendants in sessions of their own such as a job's driver,
+        listed before they can be orphaned); nothing else on the machine is touched."""
+        members = [int(e) for e in os.listdir("/proc") if e.isdigit() and self.runs(int(e))]
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 pass
-        try:
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.session, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(timeout=30)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
