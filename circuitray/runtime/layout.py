@@ -115,15 +115,21 @@ class JobLayout:
         return self.root / "running"
 
     @property
-    def cache(self) -> Path:
-        """Image-validation results: `<out>/cache`, or for an object-store output a local
-        folder named after the URI (the cache is an optimisation, read and written with
-        local file I/O; CIRCUITRAY_CACHE_DIR moves it)."""
+    def local(self) -> Path:
+        """Where what needs local file I/O lives: the output folder itself, or for an
+        object-store output a local folder named after the URI
+        (`~/.cache/circuitray/<uri>`; CIRCUITRAY_CACHE_DIR moves it)."""
         if isinstance(self.root, Path):
-            return self.root / "cache"
+            return self.root
         base = Path(os.environ.get("CIRCUITRAY_CACHE_DIR")
                     or Path.home() / ".cache" / "circuitray")
-        return base / safe_name(str(self.root).replace("://", "_").replace("/", "_")) / "cache"
+        return base / safe_name(str(self.root).replace("://", "_").replace("/", "_"))
+
+    @property
+    def cache(self) -> Path:
+        """Image-validation results (an optimisation, read and written with local file I/O):
+        `<local>/cache`."""
+        return self.local / "cache"
 
     @property
     def metrics(self) -> AnyPath:
