@@ -148,6 +148,28 @@ def test_job_lock_on_s3_is_a_conditional_put_that_a_second_job_cannot_take(s3: _
         pass
 
 
+def test_experiment_takes_an_object_store_artifact_location_and_an_existing_one_is_named(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A URI artifact root is the location itself (not a local `s3:` folder); an experiment
+    that exists keeps its location, and a notice says where the artifacts go."""
+    from mlflow.tracking import MlflowClient
+
+    from circuitray.tracking import default_tracking_uri, ensure_experiment
+
+    client = MlflowClient(tracking_uri=default_tracking_uri(tmp_path))
+    exp = ensure_experiment(client, "exp", f"s3://{BUCKET}/run/mlartifacts/")
+    assert client.get_experiment(exp).artifact_location == f"s3://{BUCKET}/run/mlartifacts"
+    caplog.set_level("INFO", logger="circuitray")
+    assert ensure_experiment(client, "exp", f"s3://{BUCKET}/run/mlartifacts") == exp
+    assert "already exists" not in caplog.text
+    assert ensure_experiment(client, "exp", f"s3://{BUCKET}/other/mlartifacts") == exp
+    assert (f"experiment 'exp' already exists with artifact location s3://{BUCKET}/run/"
+            f"mlartifacts: this job's artifacts go there, not to s3://{BUCKET}/other/"
+            "mlartifacts") in caplog.text
+    with pytest.raises(ValueError, match=r"s3://b/run: an MLflow sqlite store needs a local"):
+        default_tracking_uri("s3://b/run")
+
+
 def _config(manifest: Path, out: str, *extra: str) -> JobConfig:
     return load_job_config(CONF, [f"manifest={manifest}", f"output_dir={out}", *FAST, *extra])
 
