@@ -10,7 +10,8 @@
                                                          (a local folder for a URI output)
     <out>/classes/<task>.json                            the task's class names in label order
     <out>/metrics/, <out>/evaluation/, <out>/figures/    reduce outputs
-    <out>/mlflow.db, <out>/mlartifacts/                  the default MLflow store (local only)
+    <out>/mlflow.db, <out>/mlartifacts/                  the default MLflow store and its artifacts
+                                                         (the store in `local` for a URI output)
 
 `<out>` is a local folder (Path) or an object-store URI (circuitray.storage.ObjectPath,
 `s3://bucket/run`); every path below has the type of the root, and all I/O on them goes
