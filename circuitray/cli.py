@@ -91,15 +91,17 @@ def _stored_report(cfg) -> str:
 
 
 def _where(cfg, failed: Sequence[str] = ()) -> None:
-    from circuitray.tracking import default_tracking_uri, runs_view_link
+    from circuitray.runtime.reduce import tracking_uri
+    from circuitray.tracking import runs_view_link
 
-    uri = cfg.tracking.uri or (default_tracking_uri(cfg.output_dir)
-                               if "://" not in str(cfg.output_dir) else None)
+    out = str(cfg.output_dir)
+    uri = tracking_uri(cfg)  # for an object-store output_dir a local sqlite file
     if failed:
-        log.warning(f"{len(failed)} checkpoint(s) failed; why: {cfg.output_dir}/failures/")
-    log.info(f"tables: {cfg.output_dir}/{{edges,outputs,metrics,evaluation,failures}}\n"
-             f"figures: {cfg.output_dir}/figures"
-             + (f"\nMLflow UI: mlflow ui --backend-store-uri {uri}" if uri else ""))
+        log.warning(f"{len(failed)} checkpoint(s) failed; why: {out}/failures/")
+    ui = f"\nMLflow UI: mlflow ui --backend-store-uri {uri}" if cfg.tracking.enabled else ""
+    log.info(f"tables: {out}/{{edges,outputs,metrics,evaluation,failures}}\n"
+             f"figures: {out}/figures{ui}"
+             + (f" (artifacts: {out}/mlartifacts)" if ui and "://" in out else ""))
     link = uri and cfg.tracking.enabled and runs_view_link(uri, cfg.tracking.experiment)
     log.info(f"MLflow runs: {link or 'none logged'}")
 

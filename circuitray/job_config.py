@@ -224,15 +224,28 @@ def _output_dir(path: str, base: Path) -> str:
     return str(_absolute(path.removeprefix("file://"), base))
 
 
+# The object-store schemes (storage.SCHEMES) MLflow has an artifact repository for; it knows
+# the stores pyarrow also calls `gcs://` and `abfs://` only as `gs://` and `abfss://`.
+MLFLOW_ARTIFACT_SCHEMES = ("s3", "gs", "abfss", "hdfs", "viewfs")
+_MLFLOW_SPELLING = {"gcs": "gs", "abfs": "abfss"}
+
+
 def check_tracking_target(output_dir: str, tracking: bool) -> None:
-    """MLflow needs a local output folder for now: its default sqlite store cannot live in a
-    bucket, and the tables it logs as artifacts would have to be staged locally first."""
-    if tracking and "://" in output_dir and not output_dir.startswith("file://"):
-        raise ConfigError(
-            f"config key 'tracking.enabled': output_dir {output_dir!r} is an object-store "
-            "URI, and MLflow logging of such a job is not supported yet (a sqlite store "
-            "cannot live in a bucket, and the logged tables are not local files); set "
-            "tracking.enabled=false: every table and figure is under output_dir")
+    """MLflow logs a job's artifacts to `<output_dir>/mlartifacts`, in the store itself for
+    an object-store output: refuse the URI schemes MLflow has no artifact repository for
+    (`gcs://`, `abfs://`: MLflow knows the same stores as `gs://`, `abfss://`)."""
+    from circuitray.storage import uri_scheme
+
+    scheme = uri_scheme(output_dir)
+    if not tracking or scheme is None or scheme in MLFLOW_ARTIFACT_SCHEMES:
+        return
+    fix = _MLFLOW_SPELLING.get(scheme)
+    hint = (f"write output_dir as '{fix}://{output_dir.split('://', 1)[1]}' (the same store "
+            "for pyarrow)" if fix else "set tracking.enabled=false")
+    raise ConfigError(
+        f"config key 'tracking.enabled': output_dir {output_dir!r} is a '{scheme}://' URI, "
+        f"where MLflow cannot log the job's artifacts (it knows {list(MLFLOW_ARTIFACT_SCHEMES)}"
+        f"); {hint}")
 
 
 def load_job_config(path: str | Path | None, overrides: Sequence[str] = (), *,

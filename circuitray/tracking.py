@@ -83,9 +83,13 @@ class ChildRun:
             raise ValueError(f"child run '{self.name}': status {self.status!r} not in {STATUSES}")
 
 
-def default_tracking_uri(output_dir: str | os.PathLike) -> str:
-    """A sqlite store inside the job's output folder, by absolute path."""
-    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+def default_tracking_uri(folder: str | os.PathLike) -> str:
+    """A sqlite store in a local folder, by absolute path: the job's output folder, or for
+    an object-store output its local folder (`JobLayout.local`): sqlite needs a file system
+    with locks, which a bucket is not."""
+    if "://" in os.fspath(folder) and not os.fspath(folder).startswith("file://"):
+        raise ValueError(f"{folder}: an MLflow sqlite store needs a local folder")
+    return f"sqlite:///{Path(os.fspath(folder).removeprefix('file://')).resolve() / 'mlflow.db'}"
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -132,14 +136,30 @@ def _log_batched(client: MlflowClient, run_id: str, params: list[Param],
         client.log_batch(run_id, tags=tags[i:i + _MAX_PARAMS])
 
 
+def artifact_location(artifact_root: str | os.PathLike) -> str:
+    """The experiment's artifact location as MLflow stores it: an object-store URI
+    (`s3://bucket/run/mlartifacts`) as written, a local folder as an absolute `file://` URI."""
+    from circuitray.storage import ObjectPath, as_path
+
+    root = as_path(artifact_root)
+    return root.uri if isinstance(root, ObjectPath) else root.resolve().as_uri()
+
+
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | os.PathLike) -> str:
-    """The experiment's id, creating it with an absolute artifact location when new. It is
-    tagged as a classic ML experiment (`mlflow.experimentKind`) unless someone chose a kind."""
+    """The experiment's id, creating it with `artifact_root` (a folder or an object-store URI)
+    as its artifact location when new. An existing experiment keeps its own location (MLflow
+    cannot move one), so a notice says where this job's artifacts go instead. It is tagged as
+    a classic ML experiment (`mlflow.experimentKind`) unless someone chose a kind."""
     exp = client.get_experiment_by_name(name)
+    wanted = artifact_location(artifact_root)
     if exp is None:
-        location = Path(artifact_root).resolve().as_uri()
-        return client.create_experiment(name, artifact_location=location,
+        return client.create_experiment(name, artifact_location=wanted,
                                         tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if exp.artifact_location.rstrip("/") != wanted:
+        log.info(f"[tracking] experiment '{name}' already exists with artifact location "
+                 f"{exp.artifact_location}: this job's artifacts go there, not to {wanted} "
+                 "(MLflow keeps an experiment's location; set tracking.experiment to a new "
+                 "name to have them there)")
     if EXPERIMENT_KIND_TAG not in exp.tags:
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id

@@ -148,6 +148,28 @@ def test_job_lock_on_s3_is_a_conditional_put_that_a_second_job_cannot_take(s3: _
         pass
 
 
+def test_experiment_takes_an_object_store_artifact_location_and_an_existing_one_is_named(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A URI artifact root is the location itself (not a local `s3:` folder); an experiment
+    that exists keeps its location, and a notice says where the artifacts go."""
+    from mlflow.tracking import MlflowClient
+
+    from circuitray.tracking import default_tracking_uri, ensure_experiment
+
+    client = MlflowClient(tracking_uri=default_tracking_uri(tmp_path))
+    exp = ensure_experiment(client, "exp", f"s3://{BUCKET}/run/mlartifacts/")
+    assert client.get_experiment(exp).artifact_location == f"s3://{BUCKET}/run/mlartifacts"
+    caplog.set_level("INFO", logger="circuitray")
+    assert ensure_experiment(client, "exp", f"s3://{BUCKET}/run/mlartifacts") == exp
+    assert "already exists" not in caplog.text
+    assert ensure_experiment(client, "exp", f"s3://{BUCKET}/other/mlartifacts") == exp
+    assert (f"experiment 'exp' already exists with artifact location s3://{BUCKET}/run/"
+            f"mlartifacts: this job's artifacts go there, not to s3://{BUCKET}/other/"
+            "mlartifacts") in caplog.text
+    with pytest.raises(ValueError, match=r"s3://b/run: an MLflow sqlite store needs a local"):
+        default_tracking_uri("s3://b/run")
+
+
 def _config(manifest: Path, out: str, *extra: str) -> JobConfig:
     return load_job_config(CONF, [f"manifest={manifest}", f"output_dir={out}", *FAST, *extra])
 
@@ -204,7 +226,7 @@ def _files(root: Path | ObjectPath) -> dict[str, bytes]:
     for p in storage.list_files(root):
         rel = p.relative_to(root)
         rel = rel if isinstance(rel, str) else rel.as_posix()
-        if rel.startswith(("checkpoints/", "cache/")) or rel.endswith(skip):
+        if rel.startswith(("checkpoints/", "cache/", "mlartifacts/")) or rel.endswith(skip):
             continue
         out[rel] = storage.read_bytes(p)
     return out
@@ -223,11 +245,74 @@ def test_tables_on_s3_are_byte_identical_to_the_local_folders(jobs) -> None:
 
 
 @pytest.mark.slow
+def test_mlflow_of_an_s3_job_keeps_its_store_local_and_its_artifacts_in_the_bucket(
+        jobs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Reduce with tracking on: the sqlite store in the output's local folder (none in the
+    bucket), the parent's figures, tables and config.yaml under `<output_dir>/mlartifacts`
+    on S3, readable through MLflow; a second reduce replaces the first one's runs."""
+    import yaml
+    from mlflow.artifacts import download_artifacts
+    from mlflow.tracking import MlflowClient
+
+    from circuitray.cli import _where
+    from circuitray.runtime.reduce import tracking_uri
+
+    monkeypatch.setenv("CIRCUITRAY_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = _config(Path(jobs["remote"].manifest), jobs["remote"].output_dir,
+                  "tracking.enabled=true")
+    first = run_reduce(cfg, force=True)
+    uri = tracking_uri(cfg)
+    assert uri == f"sqlite:///{JobLayout.of(cfg.output_dir).local / 'mlflow.db'}"
+    assert uri.startswith(f"sqlite:///{tmp_path / 'cache'}/") and Path(uri[10:]).is_file()
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["job/checkpoints_complete"] == 2
+    root = f"{cfg.output_dir}/mlartifacts/{first.run_id}/artifacts"  # the experiment's own
+    assert run.info.artifact_uri == root
+    top = {a.path for a in client.list_artifacts(first.run_id)}
+    assert {"config.yaml", "figures", "tables"} <= top
+    drawn = {p.name: p for p in first.figures}
+    logged = {Path(a.path).name for a in client.list_artifacts(first.run_id, "figures")}
+    assert logged == set(drawn) and len(logged) >= 4
+    assert "tables/models.json" in {a.path for a in client.list_artifacts(first.run_id,
+                                                                          "tables")}
+    # downloaded from the bucket (the artifact URI is s3://), byte for byte what reduce drew
+    got = Path(download_artifacts(run_id=first.run_id, tracking_uri=uri, dst_path=str(tmp_path),
+                                  artifact_path=f"figures/{sorted(drawn)[0]}"))
+    assert got.read_bytes() == storage.read_bytes(drawn[sorted(drawn)[0]])
+    conf = download_artifacts(run_id=first.run_id, tracking_uri=uri, dst_path=str(tmp_path),
+                              artifact_path="config.yaml")
+    assert yaml.safe_load(Path(conf).read_text())["output_dir"] == cfg.output_dir
+    models = json.loads(Path(download_artifacts(
+        run_id=first.run_id, tracking_uri=uri, dst_path=str(tmp_path),
+        artifact_path="tables/models.json")).read_text())
+    assert sorted({row[models["columns"].index("checkpoint")] for row in models["data"]}) == \
+        ["ckpt0", "ckpt1"]
+    assert storage.exists(ObjectPath(root) / "config.yaml")
+    assert not [p for p in storage.list_files(cfg.output_dir) if p.name == "mlflow.db"]
+
+    second = run_reduce(cfg, force=True)  # replaces the first logging's runs
+    assert client.get_run(first.run_id).info.lifecycle_stage == "deleted"
+    live = client.search_runs([run.info.experiment_id])
+    assert sorted(r.data.tags.get("mlflow.parentRunId", "parent") for r in live) == \
+        sorted(["parent", second.run_id, second.run_id])
+    caplog.set_level("INFO", logger="circuitray")
+    _where(cfg)
+    assert f"--backend-store-uri {uri} (artifacts: {cfg.output_dir}/mlartifacts)" in caplog.text
+    assert f"/#/experiments/{run.info.experiment_id}/runs" in caplog.text
+
+
+@pytest.mark.slow
 def test_damaged_object_on_s3_is_named_by_reduce(jobs) -> None:
     cfg = jobs["remote"]
     victim = JobLayout.of(cfg.output_dir).outputs_file("toy", "ckpt1", "id")
-    data = bytearray(storage.read_bytes(victim))
-    data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell
-    storage.write_bytes(victim, bytes(data))
-    with pytest.raises(StaleResultError, match=rf"{victim}: damaged"):
-        run_reduce(cfg, force=True)
+    data = storage.read_bytes(victim)
+    damaged = bytearray(data)
+    damaged[len(damaged) // 2] ^= 0xFF  # same size: only the checksum can tell
+    storage.write_bytes(victim, bytes(damaged))
+    try:
+        with pytest.raises(StaleResultError, match=rf"{victim}: damaged"):
+            run_reduce(cfg, force=True)
+    finally:  # the module's job stays whole for any test after this one
+        storage.write_bytes(victim, data)

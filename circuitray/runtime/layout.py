@@ -10,7 +10,8 @@
                                                          (a local folder for a URI output)
     <out>/classes/<task>.json                            the task's class names in label order
     <out>/metrics/, <out>/evaluation/, <out>/figures/    reduce outputs
-    <out>/mlflow.db, <out>/mlartifacts/                  the default MLflow store (local only)
+    <out>/mlflow.db, <out>/mlartifacts/                  the default MLflow store and its artifacts
+                                                         (the store in `local` for a URI output)
 
 `<out>` is a local folder (Path) or an object-store URI (circuitray.storage.ObjectPath,
 `s3://bucket/run`); every path below has the type of the root, and all I/O on them goes
@@ -115,15 +116,21 @@ class JobLayout:
         return self.root / "running"
 
     @property
-    def cache(self) -> Path:
-        """Image-validation results: `<out>/cache`, or for an object-store output a local
-        folder named after the URI (the cache is an optimisation, read and written with
-        local file I/O; CIRCUITRAY_CACHE_DIR moves it)."""
+    def local(self) -> Path:
+        """Where what needs local file I/O lives: the output folder itself, or for an
+        object-store output a local folder named after the URI
+        (`~/.cache/circuitray/<uri>`; CIRCUITRAY_CACHE_DIR moves it)."""
         if isinstance(self.root, Path):
-            return self.root / "cache"
+            return self.root
         base = Path(os.environ.get("CIRCUITRAY_CACHE_DIR")
                     or Path.home() / ".cache" / "circuitray")
-        return base / safe_name(str(self.root).replace("://", "_").replace("/", "_")) / "cache"
+        return base / safe_name(str(self.root).replace("://", "_").replace("/", "_"))
+
+    @property
+    def cache(self) -> Path:
+        """Image-validation results (an optimisation, read and written with local file I/O):
+        `<local>/cache`."""
+        return self.local / "cache"
 
     @property
     def metrics(self) -> AnyPath:

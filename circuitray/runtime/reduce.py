@@ -941,17 +941,10 @@ def _log_mlflow(cfg: JobConfig, layout: JobLayout, manifest: pd.DataFrame, frame
     `markers` are the marker rows of the reduced (complete) checkpoints."""
     import yaml
 
-    from circuitray.tracking import (
-        ChildRun,
-        default_tracking_uri,
-        flatten,
-        git_commit,
-        log_job,
-        short_names,
-    )
+    from circuitray.tracking import ChildRun, flatten, git_commit, log_job, short_names
 
     key = registry.tracking_key
-    uri = cfg.tracking.uri or default_tracking_uri(layout.root)
+    uri = tracking_uri(cfg)
     per_ckpt = models.groupby("checkpoint").first() if not models.empty else pd.DataFrame()
     # metrics at the checkpoint's OOD domain (pre-deployment), and those evaluated
     # post-deployment only (CSS, detectors) as their mean over the shifted domains;
@@ -1001,21 +994,33 @@ def _log_mlflow(cfg: JobConfig, layout: JobLayout, manifest: pd.DataFrame, frame
     tables["models"] = models.drop(columns=lambda_columns(lambda_size(list(models.columns))))
     if not failures.empty:
         tables["failures"] = failures
-    figures = [(p, "figures") for p in result.figures]
     summary_metrics = {f"job/{k}": v for k, v in summary.items()}
     name = cfg.tracking.run_name or cfg.name
-    return log_job(tracking_uri=uri, experiment=cfg.tracking.experiment,
-                   artifact_root=layout.root / "mlartifacts", run_name=name,
-                   params=flatten(to_dict(cfg)),
-                   metrics={**_corr_metrics(evals), **summary_metrics}, artifacts=figures,
-                   children=children, tables=tables,
-                   texts={"config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)},
-                   dataset=(manifest, str(cfg.manifest), Path(str(cfg.manifest)).name),
-                   note=_run_note(evals, summary, name),
-                   start_ms=min((s for s, _ in when.values()), default=None),
-                   commit=git_commit(cfg.tracking.git_commit),
-                   tags={"output_dir": str(layout.root), "circuitray.name": cfg.name,
-                         "circuitray.config_hash": _config_hash(cfg)})
+    # MLflow logs local files: figures on an object store are downloaded for the upload
+    with storage.local_copies(list(result.figures)) as figures:
+        return log_job(tracking_uri=uri, experiment=cfg.tracking.experiment,
+                       artifact_root=layout.root / "mlartifacts", run_name=name,
+                       params=flatten(to_dict(cfg)),
+                       metrics={**_corr_metrics(evals), **summary_metrics},
+                       artifacts=[(p, "figures") for p in figures],
+                       children=children, tables=tables,
+                       texts={"config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)},
+                       dataset=(manifest, str(cfg.manifest), Path(str(cfg.manifest)).name),
+                       note=_run_note(evals, summary, name),
+                       start_ms=min((s for s, _ in when.values()), default=None),
+                       commit=git_commit(cfg.tracking.git_commit),
+                       tags={"output_dir": str(layout.root), "circuitray.name": cfg.name,
+                             "circuitray.config_hash": _config_hash(cfg)})
+
+
+def tracking_uri(cfg: JobConfig) -> str:
+    """The MLflow store a job logs to: `tracking.uri`, else a sqlite file in the job's local
+    folder (`JobLayout.local`: the output folder, or for an object-store output
+    `~/.cache/circuitray/<uri>/`, since sqlite cannot live in a bucket; the artifacts still
+    go to `<output_dir>/mlartifacts` in the store)."""
+    from circuitray.tracking import default_tracking_uri
+
+    return cfg.tracking.uri or default_tracking_uri(JobLayout.of(cfg.output_dir).local)
 
 
 def _drawn_into(layout: JobLayout, draw: Callable[[Path | None], list[Path]]) -> list[Any]:
@@ -1161,9 +1166,9 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
                "checkpoints_with_reduce_failures": int(reduce_failures.checkpoint.nunique()),
                "domains": int(len(domains))}
     if cfg.tracking.enabled:
-        from circuitray.tracking import default_tracking_uri, store_errors
+        from circuitray.tracking import store_errors
 
-        with store_errors(cfg.tracking.uri or default_tracking_uri(layout.root)):
+        with store_errors(tracking_uri(cfg)):
             result.run_id = _log_mlflow(cfg, layout, manifest, frame, all_models, evals, result,
                                         summary, domains, finals, reduce_failures)
     result.seconds = time.perf_counter() - start
