@@ -8,7 +8,8 @@ code) on a fresh output folder, with the functions it calls wrapped in timers. E
 time is exclusive (decoding inside the outputs loop counts as decode, not as outputs):
 
     load            load_checkpoint
-    decode+corrupt  the datasets' __getitem__ (PNG decode, resize, corruption, normalize)
+    decode+corrupt  the datasets' __getitem__ and the shifted domains' batched __getitems__
+                    (PNG decode, resize, corruption, normalize)
     outputs fwd     model_outputs (the outputs table's forward)
     mean pass       _mean_ablation (the mean-ablation forwards, plain runs kept for reuse)
     IG steps        score_batch (EAP-IG's forward+backward passes and contractions)
@@ -160,6 +161,10 @@ class Probe:
                     t.wrap("writes", discover.write_parquet_atomic))
         for cls in (datasets._ImageDataset, shifts.ShiftedDataset):
             self._patch(cls, "__getitem__", t.wrap("decode+corrupt", cls.__dict__["__getitem__"]))
+        # a shifted domain is decoded and corrupted a batch at a time (timers are exclusive,
+        # so the per-item and per-batch wraps never count the same seconds twice)
+        self._patch(shifts.ShiftedDataset, "__getitems__",
+                    t.wrap("decode+corrupt", shifts.ShiftedDataset.__dict__["__getitems__"]))
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,13 +1,18 @@
-"""Benchmark of the job: discover throughput with 1 vs 2 Ray workers, and the demo end to end.
+"""Benchmark of the job: discover throughput with 1 vs 2 Ray workers, on a local folder vs an
+S3 API, and the demo end to end.
 
-    .venv/bin/python bench/pipeline.py [--checkpoints 8] [--repeats 3] [--demo] [--no-mimalloc]
+    .venv/bin/python bench/pipeline.py [--checkpoints 8] [--repeats 3] [--demo] [--storage]
+                                       [--no-mimalloc]
 
 Discover: N demo-sized ViTs (32 px, patch 8, dim 64, depth 8, 4 heads; random weights, the
 cost does not depend on the weights) × 4 domains (ID, OOD, one shift, one proxy), 128
 examples each, EAP-IG(5) on 64. Each worker count gets a fresh local Ray whose workers are
 warmed up first (imports), so the numbers are the stage's steady throughput; every repeat
 writes a fresh output folder (nothing skipped). The demo (with --demo) runs `circuitray demo`
-with the zoo reused, so its time is the pipeline's. mimalloc is LD_PRELOADed into the driver
+with the zoo reused, so its time is the pipeline's. Storage (with --storage): the same
+discover with `output_dir` on a local folder and on `s3://` served by moto's S3 server (a
+separate process on 127.0.0.1), interleaved repeat by repeat on one warmed 2-worker Ray
+(target: S3 throughput >= 0.9x the folder's). mimalloc is LD_PRELOADed into the driver
 and every Ray worker unless --no-mimalloc. Medians are reported; JSON -> bench/results/.
 """
 
@@ -33,7 +38,7 @@ sys.path.insert(0, str(REPO / "tests"))
 DEMO_ARCH = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 8, "num_heads": 4}
 
 
-def _discover_once(manifest: Path, out: Path, task_cpus: int) -> float:
+def _discover_once(manifest: Path, out: Path | str, task_cpus: int) -> float:
     from circuitray.job_config import load_job_config
     from circuitray.runtime.discover import run_discover
 
@@ -42,8 +47,9 @@ def _discover_once(manifest: Path, out: Path, task_cpus: int) -> float:
         "data.attribution_limit=64", "data.batch_size=64", "data.shift_kinds=[gaussian_noise]",
         "data.shift_severities=[3]", "data.proxy_kinds=[brightness]",
         "data.proxy_severities=[3]", "attribution.steps=5", f"resources.num_cpus={task_cpus}",
-        "resources.torch_threads=1"])
-    shutil.rmtree(out, ignore_errors=True)
+        "resources.torch_threads=1", "tracking.enabled=false"])
+    if isinstance(out, Path):
+        shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     summary = run_discover(cfg)
     seconds = time.perf_counter() - start
@@ -112,6 +118,72 @@ def bench_discover(n_ckpt: int, repeats: int, root: Path) -> dict:
             "speedup_2_vs_1": speedup}
 
 
+def _s3_server() -> tuple[subprocess.Popen, dict[str, str]]:
+    """moto's S3 server as its own process on a free loopback port, and the AWS_* variables
+    that point pyarrow, boto3 and the Ray workers (started later, they inherit them) at it."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exe = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    return proc, env
+
+
+def bench_storage(n_ckpt: int, repeats: int, root: Path) -> dict:
+    """Discover with output_dir on a local folder vs on S3 (moto), same warmed 2-worker Ray,
+    interleaved repeat by repeat; every repeat writes a fresh folder / prefix."""
+    import boto3
+    import ray
+    from _jobdata import write_checkpoints
+
+    proc, env = _s3_server()
+    os.environ.update(env)
+    try:
+        boto3.client("s3").create_bucket(Bucket="bench")
+        manifest = write_checkpoints(root / "fixture", n_ckpt, arch_kwargs=DEMO_ARCH,
+                                     n_per_class=64)
+        times: dict[str, list[float]] = {"folder": [], "s3": []}
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            _warm(2)
+            for i in range(repeats):
+                for where in ("folder", "s3") if i % 2 == 0 else ("s3", "folder"):
+                    out = root / f"out-folder-{i}" if where == "folder" else f"s3://bench/out-{i}"
+                    times[where].append(_discover_once(manifest, out, 1))
+                    print(f"repeat {i}: {where} {times[where][-1]:.1f} s "
+                          f"(load {os.getloadavg()[0]:.1f})", flush=True)
+        finally:
+            ray.shutdown()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    med = {w: statistics.median(t) for w, t in times.items()}
+    ratio = med["folder"] / med["s3"]
+    print("\n| output_dir | median s | checkpoints/hour |\n|---|---|---|", flush=True)
+    for where in ("folder", "s3"):
+        print(f"| {where} | {med[where]:.1f} | {3600 * n_ckpt / med[where]:.0f} |", flush=True)
+    print(f"S3 throughput vs folder: {ratio:.2f}x (target >= 0.9x)", flush=True)
+    return {"checkpoints": n_ckpt, "repeats": repeats, "workers": 2,
+            "server": "moto_server (separate process, 127.0.0.1)",
+            "seconds": times, "median_s": med,
+            "checkpoints_per_hour": {w: 3600 * n_ckpt / m for w, m in med.items()},
+            "s3_vs_folder_throughput": ratio}
+
+
 def bench_demo(root: Path, zoo_out: str) -> dict:
     """`circuitray demo` into a fresh job folder with the zoo reused: the pipeline's time."""
     job = REPO / "runs" / "demo" / "job-bench"
@@ -142,6 +214,8 @@ def main() -> int:
     parser.add_argument("--zoo-out", default="runs/zoo-demo", help="the trained zoo to reuse")
     parser.add_argument("--skip-discover", action="store_true",
                         help="keep the discover numbers already in --out")
+    parser.add_argument("--storage", action="store_true",
+                        help="also time discover on a local folder vs S3 (moto server)")
     parser.add_argument("--no-mimalloc", action="store_true")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "pipeline.json"))
     args = parser.parse_args()
@@ -163,6 +237,8 @@ def main() -> int:
     })
     if not args.skip_discover:
         report["discover"] = bench_discover(args.checkpoints, args.repeats, root)
+    if args.storage:
+        report["storage"] = bench_storage(args.checkpoints, args.repeats, root)
     if args.demo:
         report["demo"] = bench_demo(root, args.zoo_out)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -80,24 +80,30 @@ def _run(args: argparse.Namespace, stages: list[str] | None) -> int:
 def _stored_report(cfg) -> str:
     """The report reduce wrote with its tables; reprinted as is when reduce was up to date,
     so an unchanged job prints exactly what it printed the first time."""
+    from circuitray import storage
     from circuitray.runtime.reduce import REPORT_NAME
 
-    path = Path(cfg.output_dir) / "evaluation" / REPORT_NAME
-    if not path.exists():  # tables from a version that did not store its report
+    path = storage.as_path(cfg.output_dir) / "evaluation" / REPORT_NAME
+    if not storage.exists(path):  # tables from a version that did not store its report
         raise CircuitrayError(f"{path}: missing; run `circuitray reduce ... --force` to "
                               "recompute the report")
-    return path.read_text()
+    return storage.read_text(path)
 
 
 def _where(cfg, failed: Sequence[str] = ()) -> None:
-    from circuitray.tracking import default_tracking_uri
+    from circuitray.runtime.reduce import tracking_uri
+    from circuitray.tracking import runs_view_link
 
-    uri = cfg.tracking.uri or default_tracking_uri(cfg.output_dir)
+    out = str(cfg.output_dir)
+    uri = tracking_uri(cfg)  # for an object-store output_dir a local sqlite file
     if failed:
-        log.warning(f"{len(failed)} checkpoint(s) failed; why: {cfg.output_dir}/failures/")
-    log.info(f"tables: {cfg.output_dir}/{{edges,outputs,metrics,evaluation,failures}}\n"
-             f"figures: {cfg.output_dir}/figures\n"
-             f"MLflow UI: mlflow ui --backend-store-uri {uri}")
+        log.warning(f"{len(failed)} checkpoint(s) failed; why: {out}/failures/")
+    ui = f"\nMLflow UI: mlflow ui --backend-store-uri {uri}" if cfg.tracking.enabled else ""
+    log.info(f"tables: {out}/{{edges,outputs,metrics,evaluation,failures}}\n"
+             f"figures: {out}/figures{ui}"
+             + (f" (artifacts: {out}/mlartifacts)" if ui and "://" in out else ""))
+    link = uri and cfg.tracking.enabled and runs_view_link(uri, cfg.tracking.experiment)
+    log.info(f"MLflow runs: {link or 'none logged'}")
 
 
 def _demo(args: argparse.Namespace) -> int:

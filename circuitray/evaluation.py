@@ -16,7 +16,7 @@ Q_ij = sign(x_i−x_j)·sign(y_i−y_j)) are then matrix algebra over all replic
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -301,14 +301,26 @@ def post_deployment(frame: pd.DataFrame, *, metrics: Sequence[str], target: str 
                     average_by=("task",), resample="groups", **kw)
 
 
+MIN_PER_GROUP = 5  # within-group statistics need at least this many models per group
+
+
 def within_group(frame: pd.DataFrame, *, metrics: Sequence[str], target: str, group_col: str,
-                 by: Sequence[str] = ("task",), **kw) -> pd.DataFrame:
-    """Correlations among models that share a training-data setting (`group_col`), averaged
-    over settings per `by` key (task, or task × OOD domain): a metric that only separates
-    settings scores near zero here."""
+                 by: Sequence[str] = ("task",), min_n: int = MIN_PER_GROUP, **kw
+                 ) -> pd.DataFrame:
+    """Correlations among models that share a setting (`group_col`: a training regime, a
+    data setting), since a setting alone can drive a pooled correlation: a metric that only
+    separates settings scores near zero here.
+
+    Rows: each (`by` key, setting) with its statistics (level "group"; a setting with fewer
+    than `min_n` models is NaN with a reason and its n), then their means per `by` key and
+    over tasks (level "mean", `group` = "all"). The setting's value is in column `group`,
+    the column's name in `group_column`, so the table reads the same whatever the column."""
     out = evaluate(frame, metrics=metrics, target=target, by=(*by, group_col),
-                   average_by=tuple(by), **kw)
-    return out[out.level == "mean"].drop(columns=[group_col]).reset_index(drop=True)
+                   average_by=tuple(by), min_n=min_n, **kw)
+    out[group_col] = out[group_col].where(out.level == "group", "all")
+    out = out.rename(columns={group_col: "group"})
+    out.insert(out.columns.get_loc("group") + 1, "group_column", group_col)
+    return out
 
 
 def _partial_from_corrs(rxy: np.ndarray, rxz: np.ndarray, ryz: np.ndarray) -> np.ndarray:
@@ -317,12 +329,41 @@ def _partial_from_corrs(rxy: np.ndarray, rxz: np.ndarray, ryz: np.ndarray) -> np
         return np.where(den > 1e-12, (rxy - rxz * ryz) / den, np.nan)
 
 
+def _partial_replicates(x: np.ndarray, y: np.ndarray, z: np.ndarray, w: np.ndarray
+                        ) -> np.ndarray:
+    """Partial Spearman of x and y given z under each count-weight row of w [B, n]."""
+    rx, ry, rz = _wranks(x, w), _wranks(y, w), _wranks(z, w)
+    return _partial_from_corrs(_wcorr(rx, ry, w), _wcorr(rx, rz, w), _wcorr(ry, rz, w))
+
+
 def partial_spearman(x: Sequence[float], y: Sequence[float], z: Sequence[float]) -> float:
     """Spearman correlation of x and y with z's (rank-linear) influence removed from both."""
     x, y, z = (np.asarray(v, float) for v in (x, y, z))
-    w = np.ones((1, len(x)))
-    rx, ry, rz = _wranks(x, w), _wranks(y, w), _wranks(z, w)
-    return float(_partial_from_corrs(_wcorr(rx, ry, w), _wcorr(rx, rz, w), _wcorr(ry, rz, w))[0])
+    return float(_partial_replicates(x, y, z, np.ones((1, len(x))))[0])
+
+
+def _partial_stats(metric: np.ndarray, given: np.ndarray, y: np.ndarray, m_dir: int,
+                   g_dir: int, n_boot: int, rng: np.random.Generator, ci: float, min_n: int
+                   ) -> dict[str, float | str]:
+    """Oriented partial SRCC of `metric` with `y` given `given`, its percentile interval,
+    n and a reason (non-empty exactly when the value is NaN)."""
+    sub = np.column_stack([metric, given, y])
+    sub = sub[np.isfinite(sub).all(axis=1)]
+    out: dict[str, float | str] = {"n": len(sub), "partial_srcc": np.nan,
+                                   "partial_srcc_lo": np.nan, "partial_srcc_hi": np.nan}
+    if len(sub) < min_n:
+        return out | {"reason": f"too few points: n={len(sub)} < {min_n}"}
+    if (np.ptp(sub, axis=0) == 0).any():
+        return out | {"reason": "a constant column among metric, baseline and accuracy"}
+    one = np.ones((1, len(sub)))
+    if abs(_wcorr(_wranks(sub[:, 0], one), _wranks(sub[:, 1], one), one)[0]) > 1 - 1e-12:
+        return out | {"reason": "the metric ranks the models exactly as the baseline does: "
+                                "no information beyond it (partial undefined)"}
+    p = _partial_replicates(m_dir * sub[:, 0], sub[:, 2], g_dir * sub[:, 1],
+                            _weights(len(sub), n_boot, rng))
+    lo, hi = np.nanpercentile(p[1:], [50 * (1 - ci), 50 * (1 + ci)])
+    return out | {"partial_srcc": p[0], "partial_srcc_lo": lo, "partial_srcc_hi": hi,
+                  "reason": ""}
 
 
 def partial_correlations(frame: pd.DataFrame, *, circuit_metrics: Sequence[str],
@@ -336,27 +377,129 @@ def partial_correlations(frame: pd.DataFrame, *, circuit_metrics: Sequence[str],
     rows = []
     for gi, (key, grp) in enumerate(frame.groupby(by, sort=True)):
         key = key if isinstance(key, tuple) else (key,)
+        y = grp[target].to_numpy(float)
         for mi, m in enumerate(circuit_metrics):
             for bi, b in enumerate(baselines):
-                sub = grp[[m, b, target]].to_numpy(float)
-                sub = sub[np.isfinite(sub).all(axis=1)]
-                row = {**dict(zip(by, key, strict=True)), "metric": m, "given": b,
-                       "n": len(sub)}
-                if len(sub) < min_n or (np.ptp(sub, axis=0) == 0).any():
-                    row |= {"partial_srcc": np.nan, "partial_srcc_lo": np.nan,
-                            "partial_srcc_hi": np.nan,
-                            "reason": f"too few points (n={len(sub)} < {min_n}) or a constant "
-                                      "column"}
-                    rows.append(row)
-                    continue
-                x, z, y = direction(m) * sub[:, 0], direction(b) * sub[:, 1], sub[:, 2]
-                w = _weights(len(sub), n_boot, np.random.default_rng([seed, gi, mi, bi]))
-                rx, ry, rz = _wranks(x, w), _wranks(y, w), _wranks(z, w)
-                p = _partial_from_corrs(_wcorr(rx, ry, w), _wcorr(rx, rz, w), _wcorr(ry, rz, w))
-                lo, hi = np.nanpercentile(p[1:], [50 * (1 - ci), 50 * (1 + ci)])
-                rows.append(row | {"partial_srcc": p[0], "partial_srcc_lo": lo,
-                                   "partial_srcc_hi": hi, "reason": ""})
+                st = _partial_stats(grp[m].to_numpy(float), grp[b].to_numpy(float), y,
+                                    direction(m), direction(b), n_boot,
+                                    np.random.default_rng([seed, gi, mi, bi]), ci, min_n)
+                rows.append({**dict(zip(by, key, strict=True)), "metric": m, "given": b, **st})
     return pd.DataFrame(rows)
+
+
+def best_baseline(rows: pd.DataFrame) -> str | None:
+    """The best output-based baseline among one group's pre-deployment rows: the highest
+    oriented SRCC (ties: higher composite, then registry order), None if none is finite.
+
+    SRCC, not the composite, because what is partialled out is the baseline's rank
+    information: the baseline whose ranks track OOD accuracy best is the hardest one for a
+    circuit metric to add to. Oriented (signed), because directions are fixed in advance:
+    "best" is the one a user would pick, not a backwards proxy read the other way round."""
+    out = rows[rows.metric.map(lambda m: registry.kind(m) == "output")
+               & np.isfinite(rows["srcc"].to_numpy(float))]
+    if out.empty:
+        return None
+    order = {m: i for i, m in enumerate(registry.ordered(list(out.metric)))}
+    out = out.assign(_comp=out["composite"].fillna(-np.inf), _order=out.metric.map(order))
+    return str(out.sort_values(["srcc", "_comp", "_order"], ascending=[False, False, True],
+                               kind="stable").metric.iloc[0])
+
+
+PARTIAL_COLUMNS = ("partial_given", "partial_srcc", "partial_srcc_lo", "partial_srcc_hi",
+                   "partial_n", "partial_reason")
+
+
+def with_partial_given_best(pre: pd.DataFrame, frame: pd.DataFrame, *, target: str,
+                            by: Sequence[str] = ("task",), n_boot: int = 1000, seed: int = 0,
+                            ci: float = 0.95, min_n: int = 5) -> pd.DataFrame:
+    """`pre` (pre_deployment's table of `frame`) plus, on each group row of a circuit
+    metric, its oriented partial SRCC with `target` given the group's best output-based
+    baseline (`best_baseline`): PARTIAL_COLUMNS, empty/NaN on every other row.
+
+    Bootstrap: a circuit metric's replicates resample the same models, with the same seed,
+    as its own statistics in `pre` (identical whenever the baseline drops no extra NaN row),
+    so its SRCC and partial SRCC intervals are paired. Mean rows carry no partial: each task
+    conditions on its own baseline, and a mean over different baselines answers nothing."""
+    by = list(by)
+    out = pre.copy()
+    out["partial_given"] = ""
+    for c in PARTIAL_COLUMNS[1:-1]:
+        out[c] = np.nan
+    out["partial_reason"] = ""
+    metric_index = {m: i for i, m in enumerate(dict.fromkeys(pre["metric"]))}
+    groups = pre[pre.level == "group"]
+    for gi, (key, grp) in enumerate(frame.groupby(by, sort=True, dropna=False)):
+        key = key if isinstance(key, tuple) else (key,)
+        mine = groups[np.logical_and.reduce([groups[c] == k for c, k in zip(by, key,
+                                                                             strict=True)])]
+        circuit = [m for m in mine.metric if is_circuit(m)]
+        if not circuit:
+            continue
+        base = best_baseline(mine)
+        y = grp[target].to_numpy(float)
+        for m in circuit:
+            idx = mine.index[mine.metric == m]
+            if base is None:
+                out.loc[idx, "partial_reason"] = "no output-based baseline with a finite SRCC"
+                continue
+            st = _partial_stats(grp[m].to_numpy(float), grp[base].to_numpy(float), y,
+                                direction(m), direction(base), n_boot,
+                                np.random.default_rng([seed, gi, metric_index[m]]), ci, min_n)
+            out.loc[idx, "partial_given"] = base
+            out.loc[idx, "partial_n"] = st["n"]
+            for c in ("partial_srcc", "partial_srcc_lo", "partial_srcc_hi"):
+                out.loc[idx, c] = st[c]
+            out.loc[idx, "partial_reason"] = st["reason"]
+    return out
+
+
+# ---- training dynamics: which runs the DDB-over-training figure shows ---------------------
+
+def best_and_worst_runs(rows: pd.DataFrame, *, metric: str, accuracy: str = "accuracy",
+                        run: str = "parent_id", epoch: str = "epoch", final: str = "final",
+                        min_checkpoints: int = 2) -> dict[str, Any]:
+    """The runs with the best and the worst final OOD accuracy (the paper's Figure 1),
+    among the runs (`run` groups, one row per checkpoint on the OOD domain) with at least
+    `min_checkpoints` checkpoints having a finite `metric` and `epoch`, and a final
+    checkpoint with a finite accuracy. The final checkpoint is the row whose `final` is
+    true (without that column: the last epoch), so an intermediate checkpoint's accuracy,
+    however high, never chooses a run. Ties go to the first run in sorted order.
+
+    Returns n_runs (eligible), best_run, best_final_acc, worst_run, worst_final_acc and a
+    note (non-empty exactly when no run is eligible)."""
+    out: dict[str, Any] = {"n_runs": 0, "best_run": "", "best_final_acc": np.nan,
+                           "worst_run": "", "worst_final_acc": np.nan, "note": ""}
+    missing = [c for c in (run, epoch, metric, accuracy) if c not in rows]
+    if missing:
+        return out | {"note": f"no training dynamics: column(s) {missing} missing"}
+    finals = []
+    for rid, part in rows.groupby(run, sort=True):
+        ok = np.isfinite(part[metric].to_numpy(float)) & np.isfinite(
+            pd.to_numeric(part[epoch], errors="coerce").to_numpy(float))
+        if ok.sum() < min_checkpoints:
+            continue
+        last = (part[part[final].astype(bool)] if final in part else
+                part[pd.to_numeric(part[epoch]) == pd.to_numeric(part[epoch]).max()])
+        acc = last[accuracy].to_numpy(float)
+        if len(acc) == 1 and np.isfinite(acc[0]):
+            finals.append((str(rid), float(acc[0])))
+    if not finals:
+        return out | {"note": f"no run with >= {min_checkpoints} checkpoints having {metric} "
+                              "and a final OOD accuracy"}
+    best = max(finals, key=lambda r: r[1])  # max/min keep the first of equal values
+    worst = min(finals, key=lambda r: r[1])
+    return out | {"n_runs": len(finals), "best_run": best[0], "best_final_acc": best[1],
+                  "worst_run": worst[0], "worst_final_acc": worst[1]}
+
+
+def training_runs(rows: pd.DataFrame, *, metric: str, group: str = "eval_group",
+                  **kw: Any) -> pd.DataFrame:
+    """`best_and_worst_runs` per `group` (task, or task:OOD domain): one row per group with
+    its `task`, `metric` and the selection."""
+    require_columns(rows, [group, "task"], "training-dynamics frame")
+    return pd.DataFrame([{"group": g, "task": str(part["task"].iloc[0]), "metric": metric,
+                          **best_and_worst_runs(part, metric=metric, **kw)}
+                         for g, part in rows.groupby(group, sort=True)])
 
 
 # ---- silent-failure alarm --------------------------------------------------------------------

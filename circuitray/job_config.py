@@ -84,6 +84,7 @@ class TrackingConfig:
     uri: str | None = None
     experiment: str = "circuitray"
     run_name: str | None = None
+    git_commit: str | None = None  # else $CIRCUITRAY_GIT_COMMIT, else `git rev-parse HEAD`
 
 
 @dataclass
@@ -209,14 +210,42 @@ def _absolute(path: str | None, base: Path) -> str | None:
 
 
 def _output_dir(path: str, base: Path) -> str:
-    """The absolute local output folder; a URI other than file:// is refused, since workers
-    write with local file I/O and `s3://b/run` would silently become the folder `s3:/b/run`."""
-    if "://" in path and not path.startswith("file://"):
-        scheme = path.split("://", 1)[0]
-        raise ConfigError(f"config key 'output_dir': {path!r} is a '{scheme}://' URI; circuitray "
-                          "writes only to a local or mounted folder (every worker node must "
-                          "see it), e.g. the bucket mounted at /mnt/...")
+    """The absolute local output folder, or an object-store URI (circuitray.storage.SCHEMES:
+    s3://, gs://, abfs://, ...) kept as written; another scheme is refused, since it would
+    silently become the relative local folder `ftp:/host/run`."""
+    from circuitray.storage import SCHEMES, uri_scheme
+
+    scheme = uri_scheme(path)
+    if scheme is not None:
+        if scheme not in SCHEMES:
+            raise ConfigError(f"config key 'output_dir': {path!r} is a '{scheme}://' URI; "
+                              f"circuitray writes to a local folder or to {list(SCHEMES)}")
+        return path.rstrip("/")
     return str(_absolute(path.removeprefix("file://"), base))
+
+
+# The object-store schemes (storage.SCHEMES) MLflow has an artifact repository for; it knows
+# the stores pyarrow also calls `gcs://` and `abfs://` only as `gs://` and `abfss://`.
+MLFLOW_ARTIFACT_SCHEMES = ("s3", "gs", "abfss", "hdfs", "viewfs")
+_MLFLOW_SPELLING = {"gcs": "gs", "abfs": "abfss"}
+
+
+def check_tracking_target(output_dir: str, tracking: bool) -> None:
+    """MLflow logs a job's artifacts to `<output_dir>/mlartifacts`, in the store itself for
+    an object-store output: refuse the URI schemes MLflow has no artifact repository for
+    (`gcs://`, `abfs://`: MLflow knows the same stores as `gs://`, `abfss://`)."""
+    from circuitray.storage import uri_scheme
+
+    scheme = uri_scheme(output_dir)
+    if not tracking or scheme is None or scheme in MLFLOW_ARTIFACT_SCHEMES:
+        return
+    fix = _MLFLOW_SPELLING.get(scheme)
+    hint = (f"write output_dir as '{fix}://{output_dir.split('://', 1)[1]}' (the same store "
+            "for pyarrow)" if fix else "set tracking.enabled=false")
+    raise ConfigError(
+        f"config key 'tracking.enabled': output_dir {output_dir!r} is a '{scheme}://' URI, "
+        f"where MLflow cannot log the job's artifacts (it knows {list(MLFLOW_ARTIFACT_SCHEMES)}"
+        f"); {hint}")
 
 
 def load_job_config(path: str | Path | None, overrides: Sequence[str] = (), *,
@@ -227,6 +256,7 @@ def load_job_config(path: str | Path | None, overrides: Sequence[str] = (), *,
     try:
         check_job_config(cfg)
         output_dir = _output_dir(cfg.output_dir, base)
+        check_tracking_target(output_dir, cfg.tracking.enabled)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from exc
     data = dataclasses.replace(cfg.data, root=_absolute(cfg.data.root, base),

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -106,17 +107,35 @@ def alarm_plot(proxy: pd.DataFrame, deploy: pd.DataFrame, metric: str, path: str
     return _save(fig, path)
 
 
-def trajectories(df: pd.DataFrame, x: str, y: str, group: str, path: str | os.PathLike,
-                 *, title: str = "") -> Path:
-    """One line per training run (e.g. DDB_out over epochs)."""
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, part in df.sort_values(x).groupby(group):
-        ax.plot(part[x], part[y], marker="o", ms=3, lw=1, label=str(name))
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    ax.set_title(title or f"{y} over {x}", fontsize=9)
-    if df[group].nunique() <= 12:
-        ax.legend(fontsize=6)
+def ddb_over_training(rows: pd.DataFrame, runs: Sequence[tuple[str, str]], *, metric: str,
+                      path: str | os.PathLike, accuracy: str = "accuracy",
+                      run: str = "parent_id", epoch: str = "epoch", title: str = "") -> Path:
+    """The paper's Figure 1 layout: `metric` (DDB) over training epochs on the left axis and
+    OOD accuracy on a second (right) axis, for the chosen runs, given as (label, run id)
+    pairs, e.g. [("best", id), ("worst", id)] from evaluation.best_and_worst_runs. One
+    colour per run: solid = DDB, dashed = OOD accuracy; the legend names each run."""
+    fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    acc_ax = ax.twinx()
+    handles = []
+    seen = []
+    for i, (_, rid) in enumerate(runs):
+        if rid in seen:  # one eligible run: it is both the best and the worst
+            continue
+        seen.append(rid)
+        both = [lab for lab, r in runs if r == rid]
+        part = rows[rows[run].astype(str) == rid].sort_values(epoch)
+        colour = f"C{i}"
+        name = f"{' and '.join(both)}: {rid}"
+        handles += ax.plot(part[epoch], part[metric], color=colour, marker="o", ms=4, lw=1.5,
+                           label=f"{name} — {metric}")
+        handles += acc_ax.plot(part[epoch], part[accuracy], color=colour, marker="s", ms=4,
+                               lw=1.2, ls="--", label=f"{name} — OOD accuracy")
+    ax.set_xlabel(epoch)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel(f"{metric} (solid)")
+    acc_ax.set_ylabel("OOD accuracy (dashed)")
+    ax.set_title(title or f"{metric} and OOD accuracy over training", fontsize=9)
+    ax.legend(handles=handles, fontsize=6, loc="best")
     return _save(fig, path)
 
 

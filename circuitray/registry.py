@@ -50,6 +50,8 @@ class MetricSpec:
     lower, 0 for descriptors. `family`: the reduce family that computes it; a plug-in gives
     `compute(domain_table, id_table, **params) -> float` and `source` ("outputs": the
     per-example outputs table of one domain; "edges": its circuit's edge table) instead.
+    `param`: the name of the number a pattern's columns end with (ddb_out_0.3: "tau"), so
+    tracking keys read `ddb_out_tau0.3` rather than a dotted `ddb_out_0.3`.
     """
 
     name: str
@@ -61,6 +63,7 @@ class MetricSpec:
     source: Source = "outputs"
     compute: Callable[..., float] | None = field(default=None, compare=False)
     params: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    param: str = ""
 
     def __post_init__(self) -> None:
         where = f"metric spec '{self.name}'"
@@ -111,7 +114,7 @@ def _builtins() -> list[MetricSpec]:
         MetricSpec("n_labeled", "descriptor", 0, "labeled examples behind `accuracy`",
                    family=acc),
         MetricSpec("ddb_*", "circuit", +1, "deep-layer reliance generalizes better "
-                   "(paper §DDB)", PRE, family=depth, source="edges"),
+                   "(paper §DDB)", PRE, family=depth, source="edges", param="tau"),
         MetricSpec("lam_*_*", "descriptor", 0, "one cell of Λ: the CCA motif's input, not a "
                    "predictor on its own", family=depth, source="edges"),
         MetricSpec("css_*", "circuit", -1, "a circuit that moved away from its ID form "
@@ -262,6 +265,23 @@ def metric_columns(columns: Iterable[str], *, stage: Stage | None = None,
             continue
         out.append(col)
     return ordered(out)
+
+
+_TRAILING_NUMBER = re.compile(r"(.*_)(-?\d+(?:\.\d+)?(?:e-?\d+)?)")
+
+
+def tracking_key(column: str, scope: str, stat: str = "") -> str:
+    """The MLflow metric key of a registered column: `<scope>/<name>[/<stat>]`, where
+    `scope` says where the value comes from (`ood`, `id`, `shift_mean` of one checkpoint;
+    `corr` for a job-level statistic such as `stat="pre_srcc"`) and a spec's `param` names
+    the number a column ends with (`ood/ddb_out_tau0.3`). The one place tracking keys are
+    made, so the UI's `/` sections and the compare view line up across runs and jobs."""
+    spec = spec_for(column)
+    name = column
+    match = _TRAILING_NUMBER.fullmatch(column) if spec.param else None
+    if match:
+        name = f"{match[1]}{spec.param}{match[2]}"
+    return "/".join(part for part in (scope, name, stat) if part)
 
 
 def check_columns(columns: Iterable[str], where: str) -> None:

@@ -7,7 +7,6 @@ everywhere, and a half-written file is never mistaken for a finished one.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,7 +14,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from circuitray import storage
 from circuitray.errors import OutputError, TableError, os_error_is_permanent
+from circuitray.storage import AnyPath, ObjectPath
 
 EDGE_SCHEMA = pa.schema(
     [
@@ -78,27 +79,34 @@ def conform(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
         raise TableError(f"{what}: cannot cast to schema: {exc}") from exc
 
 
-def write_parquet_atomic(table: pa.Table | pd.DataFrame, path: str | os.PathLike,
-                         schema: pa.Schema | None = None) -> Path:
-    """Write to a temporary sibling, then rename: readers see all of the file or none of it.
+def write_parquet_atomic(table: pa.Table | pd.DataFrame, path: str | os.PathLike | ObjectPath,
+                         schema: pa.Schema | None = None) -> AnyPath:
+    """Write a whole Parquet file: readers see all of it or none of it.
 
-    A full disk, a read-only or unwritable folder, or a file where a folder should be raise
-    OutputError naming `path` and the reason in words (retrying cannot help); other OSErrors
-    (a network filesystem's hiccup) propagate for the caller to retry. Either way no
-    temporary is left behind.
+    Locally to a temporary sibling, then renamed; on an object store (`path` a URI) in one
+    PUT under the final name (circuitray.storage). A full disk, a read-only or
+    unwritable folder, or a file where a folder should be raise OutputError naming `path`
+    and the reason in words (retrying cannot help); other OSErrors (a network filesystem's
+    or an object store's hiccup) propagate for the caller to retry. Either way no temporary
+    is left behind.
     """
-    path = Path(path)
+    path = storage.as_path(path)
     if isinstance(table, pd.DataFrame):
         table = pa.Table.from_pandas(table, preserve_index=False)
     if schema is not None:
         table = conform(table, schema, str(path))
+    if isinstance(path, ObjectPath):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        storage.write_bytes(path, sink.getvalue())
+        return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         if os_error_is_permanent(exc):
             raise OutputError.from_os_error(path.parent, exc) from exc
         raise
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = storage.temporary_name(path)
     try:
         pq.write_table(table, tmp)
         os.replace(tmp, path)
@@ -114,26 +122,35 @@ def write_parquet_atomic(table: pa.Table | pd.DataFrame, path: str | os.PathLike
     return path
 
 
-def read_parquet(path: str | os.PathLike, schema: pa.Schema | None = None) -> pa.Table:
-    """Read a Parquet file or a directory of them (hidden temporaries are ignored)."""
-    path = Path(path)
-    if not path.exists():
-        raise TableError(f"{path}: no such table")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith("."))
-        if not files:
+def _read_one(path: AnyPath) -> pa.Table:
+    if isinstance(path, Path):
+        return pq.read_table(path)
+    return pq.read_table(pa.BufferReader(storage.read_bytes(path)))
+
+
+def read_parquet(path: str | os.PathLike | ObjectPath, schema: pa.Schema | None = None
+                 ) -> pa.Table:
+    """Read a Parquet file or a folder of them, local or on an object store (hidden
+    temporaries are ignored)."""
+    path = storage.as_path(path)
+    files = storage.list_files(path, ".parquet")
+    if not files:
+        if storage.exists(path):
+            files = [path]
+        elif isinstance(path, Path) and path.is_dir() or isinstance(path, ObjectPath) and \
+                storage.list_files(path, hidden=True):
             raise TableError(f"{path}: directory holds no .parquet files")
-        tables = [pq.read_table(f) for f in files]
-        table = pa.concat_tables(tables, promote_options="default")
+        else:
+            raise TableError(f"{path}: no such table")
+    if len(files) == 1 and files[0] == path:
+        table = _read_one(path)
     else:
-        table = pq.read_table(path)
+        table = pa.concat_tables([_read_one(f) for f in files], promote_options="default")
     return conform(table, schema, str(path)) if schema is not None else table
 
 
-def read_parquet_or_empty(path: str | os.PathLike, schema: pa.Schema) -> pa.Table:
-    """`read_parquet` of a directory that may not exist yet: an empty `schema` table then."""
-    path = Path(path)
-    if not path.is_dir() or not any(p for p in path.rglob("*.parquet")
-                                    if not p.name.startswith(".")):
+def read_parquet_or_empty(path: str | os.PathLike | ObjectPath, schema: pa.Schema) -> pa.Table:
+    """`read_parquet` of a folder that may not exist yet: an empty `schema` table then."""
+    if not storage.list_files(path, ".parquet"):
         return schema.empty_table()
     return read_parquet(path, schema)

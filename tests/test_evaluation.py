@@ -10,8 +10,12 @@ import scipy.stats
 from circuitray.errors import MetricError
 from circuitray.evaluation import (
     PAPER_RESULTS,
+    PARTIAL_COLUMNS,
+    _partial_replicates,
     _replicates,
     _weights,
+    best_and_worst_runs,
+    best_baseline,
     calibrate_threshold,
     correlation_stats,
     direction,
@@ -23,6 +27,7 @@ from circuitray.evaluation import (
     result_table,
     silent_failure_alarm,
     usable_checkpoints,
+    with_partial_given_best,
     within_group,
 )
 
@@ -137,8 +142,31 @@ def test_within_group_removes_between_setting_signal() -> None:
     within = within_group(f, metrics=["ddb_out_0.3"], target="ood_acc", group_col="setting",
                           n_boot=100)
     assert pooled.srcc.iloc[0] > 0.6
-    w = within[within.task == "t"].iloc[0]
+    w = within[(within.task == "t") & (within.level == "mean")].iloc[0]
     assert abs(w.srcc) < 0.35 and w.srcc_lo < 0 < w.srcc_hi
+
+
+def test_within_group_rows_per_setting_and_too_small_settings_keep_their_n() -> None:
+    """Per-regime rows beside their mean: a regime of 4 models (< 5) is NaN with its n and
+    a reason, and the mean over regimes averages only the evaluated ones."""
+    rng = np.random.default_rng(5)
+    regime = np.repeat(["full", "last2", "linear"], [12, 8, 4])
+    ood = rng.uniform(0.3, 0.9, len(regime))
+    f = pd.DataFrame({"task": "t", "regime": regime, "ood_acc": ood,
+                      "ddb_out_0.3": ood + 0.05 * rng.normal(size=len(ood))})
+    out = within_group(f, metrics=["ddb_out_0.3"], target="ood_acc", group_col="regime",
+                       n_boot=100)
+    assert set(out.group_column) == {"regime"}
+    g = out[out.level == "group"].set_index("group")
+    assert g.loc["full", "n"] == 12 and g.loc["last2", "n"] == 8
+    assert g.loc["linear", "n"] == 4 and np.isnan(g.loc["linear", "srcc"])
+    assert "n=4 < 5" in g.loc["linear", "reason"]
+    want = scipy.stats.spearmanr(f.loc[f.regime == "full", "ddb_out_0.3"],
+                                 f.loc[f.regime == "full", "ood_acc"]).statistic
+    assert g.loc["full", "srcc"] == pytest.approx(want)
+    mean = out[(out.level == "mean") & (out.task == "t")].iloc[0]
+    assert mean.group == "all" and mean.n_groups == 2
+    assert mean.srcc == pytest.approx(g.loc[["full", "last2"], "srcc"].mean())
 
 
 def test_partial_spearman_equals_rank_residual_correlation_and_detects_added_information() -> None:
@@ -158,6 +186,94 @@ def test_partial_spearman_equals_rank_residual_correlation_and_detects_added_inf
     assert out.loc["ddb_out_0.3", "partial_srcc_lo"] > 0.3
     assert out.loc["ddb_deep_0.3", "partial_srcc_lo"] < 0 < out.loc["ddb_deep_0.3",
                                                                      "partial_srcc_hi"]
+
+
+def _rank_residual_partial(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> float:
+    """Independent partial Spearman: correlate the residuals of rank(x) and rank(y) after
+    a least-squares fit on rank(z)."""
+    rx, ry, rz = (scipy.stats.rankdata(v) for v in (x, y, z))
+    design = np.column_stack([np.ones(len(x)), rz])
+    res = [v - design @ np.linalg.lstsq(design, v, rcond=None)[0] for v in (rx, ry)]
+    return float(np.corrcoef(*res)[0, 1])
+
+
+def test_partial_given_best_baseline_sits_beside_each_circuit_metric() -> None:
+    """Per task, conditioned on the output baseline with the highest SRCC (ac, not the
+    noise `energy`): a circuit metric that is the baseline plus a little noise has partial
+    ≈ 0 (its interval covers 0), one carrying the rest of the signal has partial > 0.3, and
+    an exact monotone function of the baseline is NaN with a reason, not a number."""
+    rng = np.random.default_rng(6)
+    frames = []
+    for task in ("a", "b"):
+        n = 60
+        z, u = rng.normal(size=n), rng.normal(size=n)
+        frames.append(pd.DataFrame({
+            "task": task, "ood_acc": z + u, "ac": z, "energy": rng.normal(size=n),
+            "ddb_out_0.3": u + 0.3 * rng.normal(size=n),
+            "ddb_deep_0.3": z + 0.1 * rng.normal(size=n),
+            "ddb_global_0.3": np.exp(z)}))
+    f = pd.concat(frames, ignore_index=True)
+    metrics = ["ddb_out_0.3", "ddb_deep_0.3", "ddb_global_0.3", "ac", "energy"]
+    pre = pre_deployment(f, metrics=metrics, n_boot=300)
+    out = with_partial_given_best(pre, f, target="ood_acc", n_boot=300)
+    assert out.drop(columns=list(PARTIAL_COLUMNS)).equals(pre)  # the statistics unchanged
+    g = out[out.level == "group"].set_index(["task", "metric"])
+    for task in ("a", "b"):
+        part = f[f.task == task]
+        row = g.loc[(task, "ddb_out_0.3")]
+        assert row.partial_given == "ac" and row.partial_n == 60
+        assert row.partial_srcc == pytest.approx(_rank_residual_partial(
+            part["ddb_out_0.3"], part["ood_acc"], part["ac"]))
+        assert row.partial_srcc_lo > 0.3
+        red = g.loc[(task, "ddb_deep_0.3")]
+        assert red.partial_srcc_lo < 0 < red.partial_srcc_hi and abs(red.partial_srcc) < 0.3
+        same = g.loc[(task, "ddb_global_0.3")]
+        assert np.isnan(same.partial_srcc) and "exactly as the baseline" in same.partial_reason
+        assert g.loc[(task, "ac"), "partial_given"] == ""  # baselines get no partial
+        assert np.isnan(g.loc[(task, "energy"), "partial_srcc"])
+    assert (out.loc[out.level == "mean", "partial_given"] == "").all()
+    # paired with the metric's own statistics: task b (group 1), metric 0, same seed
+    b = f[f.task == "b"]
+    w = _weights(60, 300, np.random.default_rng([0, 1, 0]))
+    reps = _partial_replicates(b["ddb_out_0.3"].to_numpy(), b["ood_acc"].to_numpy(),
+                               b["ac"].to_numpy(), w)
+    assert np.percentile(reps[1:], [2.5, 97.5]) == pytest.approx(
+        g.loc[("b", "ddb_out_0.3"), ["partial_srcc_lo", "partial_srcc_hi"]].to_numpy(float))
+    srcc = _replicates(b["ddb_out_0.3"].to_numpy(), b["ood_acc"].to_numpy(), w)[:, 2]
+    assert np.percentile(srcc[1:], [2.5, 97.5]) == pytest.approx(
+        g.loc[("b", "ddb_out_0.3"), ["srcc_lo", "srcc_hi"]].to_numpy(float))
+
+
+def test_best_baseline_is_the_highest_oriented_srcc_among_output_metrics() -> None:
+    rows = pd.DataFrame({
+        "metric": ["ddb_out_0.3", "id_acc", "ac", "atc_mc", "energy"],
+        "srcc": [0.9, np.nan, 0.5, 0.7, -0.8],  # energy ranks backwards: not "best"
+        "composite": [0.8, np.nan, 0.4, 0.6, -0.7]})
+    assert best_baseline(rows) == "atc_mc"
+    tie = rows.assign(srcc=[0.9, np.nan, 0.7, 0.7, -0.8], composite=[0.8, np.nan, 0.5, 0.6, 0])
+    assert best_baseline(tie) == "atc_mc"  # equal SRCC: the higher composite
+    assert best_baseline(rows[rows.metric == "ddb_out_0.3"]) is None
+
+
+def test_ddb_figure_runs_are_chosen_by_final_ood_accuracy() -> None:
+    """Run r1 peaks at 0.95 mid-training but ends at 0.30: the worst, never the best; r3
+    has one checkpoint and r4 no final one: neither is eligible."""
+    rows = pd.DataFrame({
+        "parent_id": ["r1"] * 3 + ["r2"] * 2 + ["r3"] + ["r4"] * 2,
+        "epoch": [1, 2, 3, 1, 3, 3, 1, 2],
+        "final": [False, False, True, False, True, True, False, False],
+        "accuracy": [0.5, 0.95, 0.30, 0.6, 0.8, 0.99, 0.9, 0.97],
+        "ddb_out_0.3": [0.1, 0.2, 0.3, 0.1, 0.2, 0.5, 0.1, 0.2]})
+    got = best_and_worst_runs(rows, metric="ddb_out_0.3")
+    assert (got["best_run"], got["worst_run"], got["n_runs"]) == ("r2", "r1", 2)
+    assert (got["best_final_acc"], got["worst_final_acc"]) == (0.8, 0.3)
+    assert got["note"] == ""
+    no_flag = best_and_worst_runs(rows.drop(columns="final"), metric="ddb_out_0.3")
+    assert (no_flag["best_run"], no_flag["worst_run"]) == ("r4", "r1")  # last epoch is final
+    none = best_and_worst_runs(rows[rows.parent_id == "r3"], metric="ddb_out_0.3")
+    assert none["n_runs"] == 0 and "no run with >= 2 checkpoints" in none["note"]
+    nan_ddb = best_and_worst_runs(rows.assign(**{"ddb_out_0.3": np.nan}), metric="ddb_out_0.3")
+    assert nan_ddb["n_runs"] == 0
 
 
 def test_alarm_threshold_is_metric_at_proxy_accuracy_closest_to_delta() -> None:

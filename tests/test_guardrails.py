@@ -65,23 +65,47 @@ def _temporaries(root: Path) -> list[Path]:
 # ----------------------------------------------------------------------- output_dir: URIs
 
 
-def test_output_dir_uri_is_refused_by_the_config_naming_the_key(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"tiny.yaml: config key 'output_dir'.*s3://"):
-        load_job_config(CONF, ["output_dir=s3://bucket/run"], base=tmp_path)
+def test_output_dir_of_an_unknown_scheme_is_refused_by_the_config_naming_the_key(
+        tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"tiny.yaml: config key 'output_dir'.*ftp://"):
+        load_job_config(CONF, ["output_dir=ftp://host/run"], base=tmp_path)
     cfg = load_job_config(CONF, [f"output_dir=file://{tmp_path}/run"], base=tmp_path)
     assert cfg.output_dir == str(tmp_path / "run")  # file:// is a local folder
+    cfg = load_job_config(CONF, ["output_dir=s3://bucket/run/"], base=tmp_path)
+    assert cfg.output_dir == "s3://bucket/run"  # an object store is kept as a URI
+    assert cfg.tracking.enabled  # MLflow logs such a job (tests/test_object_store.py)
 
 
-def test_run_pipeline_refuses_a_uri_before_ray_starts_and_creates_no_folder(
+@pytest.mark.parametrize("scheme, fix", [("gcs", "'gs://bucket/run'"),
+                                         ("abfs", "'abfss://bucket/run'")])
+def test_tracking_of_an_output_uri_mlflow_cannot_store_artifacts_at_is_refused_naming_the_fix(
+        scheme: str, fix: str, tmp_path: Path) -> None:
+    from mlflow.store.artifact.artifact_repository_registry import (
+        _artifact_repository_registry as mlflow_artifact_repos,
+    )
+
+    from circuitray.job_config import MLFLOW_ARTIFACT_SCHEMES
+
+    assert set(MLFLOW_ARTIFACT_SCHEMES) <= set(mlflow_artifact_repos._registry)
+    assert scheme not in mlflow_artifact_repos._registry
+    out = f"{scheme}://bucket/run"
+    with pytest.raises(ConfigError, match=rf"tiny.yaml: config key 'tracking.enabled'.*"
+                                          rf"'{scheme}://' URI.*write output_dir as {fix}"):
+        load_job_config(CONF, [f"output_dir={out}"], base=tmp_path)
+    cfg = load_job_config(CONF, [f"output_dir={out}", "tracking.enabled=false"], base=tmp_path)
+    assert cfg.output_dir == out
+
+
+def test_run_pipeline_refuses_an_unknown_scheme_before_ray_starts_and_creates_no_folder(
         tmp_path: Path, monkeypatch) -> None:
     from circuitray.runtime import pipeline, ray_utils
 
     monkeypatch.setattr(ray_utils, "ensure_ray", _no_ray)
     monkeypatch.chdir(tmp_path)
-    cfg = JobConfig(manifest=str(tmp_path / "m.csv"), output_dir="s3://bucket/run")
-    with pytest.raises(OutputError, match=r"s3://bucket/run.*'s3://'"):
+    cfg = JobConfig(manifest=str(tmp_path / "m.csv"), output_dir="ftp://host/run")
+    with pytest.raises(OutputError, match=r"ftp://host/run.*'ftp://'"):
         pipeline.run_pipeline(cfg)
-    assert list(tmp_path.iterdir()) == [], "a local 's3:' folder was created"
+    assert list(tmp_path.iterdir()) == [], "a local 'ftp:' folder was created"
 
 
 # ------------------------------------------------------------ output_dir: file, read-only

@@ -219,9 +219,10 @@ def test_a_metric_registered_in_one_place_reaches_tables_evaluation_report_and_m
     assert len(children) == 3
     for run in children:
         keys = set(run.data.metrics)
-        assert {"mean_max_prob_squared", "shift_mean.top_mass_ratio", "ddb_out_0.5",
-                "shift_mean.css_srcc", "ood_acc"} <= keys
-        assert not [k for k in keys if "lam_" in k or k in ("temperature", "lr", "n")]
+        assert {"ood/mean_max_prob_squared", "shift_mean/top_mass_ratio", "ood/ddb_out_tau0.5",
+                "shift_mean/css_srcc", "ood/accuracy"} <= keys
+        assert not [k for k in keys if "lam_" in k or k.split("/")[-1] in ("temperature", "lr",
+                                                                           "n")]
     assert registry.plugins() == ()  # the toys left the registry with their with-block
 
     from circuitray.runtime.reduce import run_reduce

@@ -146,3 +146,30 @@ def test_shifted_dataset_corrupts_before_normalization(tmp_path) -> None:
     assert images.shape == (4, 3, 32, 32) and domains[0] == "shift:contrast:5"
     # same item, same corruption regardless of batching
     assert torch.allclose(images[0], shifted[0][0])
+
+
+def _sequential_glass_sources(h: int, w: int, delta: int, iters: int, g: torch.Generator
+                              ) -> list[int]:
+    """The reference's copy loop, one pixel at a time (the oracle for the vectorized one)."""
+    rows, cols = range(h - delta, delta, -1), range(w - delta, delta, -1)
+    perm = list(range(h * w))
+    for _ in range(iters):
+        moves = torch.randint(-delta, delta, (len(rows) * len(cols), 2), generator=g).tolist()
+        k = 0
+        for r in rows:
+            for col in cols:
+                dx, dy = moves[k]
+                k += 1
+                perm[r * w + col] = perm[(r + dy) * w + col + dx]
+    return perm
+
+
+@pytest.mark.parametrize(("h", "w", "delta", "iters"),
+                         [(32, 32, 1, 2), (17, 23, 2, 3), (40, 31, 4, 2), (9, 9, 3, 1)])
+def test_glass_blur_copies_equal_the_one_pixel_at_a_time_loop(h, w, delta, iters) -> None:
+    from circuitray.data.shifts import Draws, _glass_sources
+
+    got = _glass_sources(range(3), h, w, delta, iters, Draws.seeded([4, 5, 6]))
+    for i, seed in enumerate((4, 5, 6)):
+        want = _sequential_glass_sources(h, w, delta, iters, torch.Generator().manual_seed(seed))
+        assert got[i].tolist() == want

@@ -231,9 +231,22 @@ def store_class_map(path: str | os.PathLike, task: str, class_map: ClassMap) -> 
     The first writer wins atomically (hard link of a complete temporary file), so two
     checkpoints of a task finishing together cannot both think they wrote it.
     """
+    from circuitray import storage
+
+    record = {"task": task, "classes": list(class_map.names), "source": class_map.source}
+    if storage.is_remote(path):  # an object store has no link: written if absent, compared
+        path = storage.as_path(path)
+        if not storage.exists(path):
+            storage.write_text(path, json.dumps(record, indent=1))
+        stored = json.loads(storage.read_text(path))
+        if list(stored["classes"]) != record["classes"]:
+            raise DataError(path, f"task '{task}' was labelled with {stored['classes']}, now "
+                                  f"{record['classes']}; labels of its checkpoints would not "
+                                  "agree. Fix the data, or delete this file and the task's "
+                                  "outputs to relabel")
+        return path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"task": task, "classes": list(class_map.names), "source": class_map.source}
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(json.dumps(record, indent=1))
     try:

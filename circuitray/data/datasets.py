@@ -333,11 +333,29 @@ class RememberedItems(Dataset):
             return item
         item = self.base[index]
         self.decoded += 1
+        self._remember(index, item)
+        return item
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        """A batch: remembered items from memory, the rest read from `base` together (one
+        `__getitems__` call where `base` has one, e.g. a shifted domain corrupting a batch)."""
+        missing = [i for i in dict.fromkeys(indices) if i not in self.items]
+        batched = getattr(self.base, "__getitems__", None)
+        read = batched(missing) if callable(batched) and missing else \
+            [self.base[i] for i in missing]
+        fresh = dict(zip(missing, read, strict=True))
+        self.decoded += len(missing)
+        for i, item in fresh.items():
+            self._remember(i, item, copy=callable(batched))
+        return [fresh[i] if i in fresh else self.items[i] for i in indices]
+
+    def _remember(self, index: int, item: Any, copy: bool = False) -> None:
+        """Keep `item` if it is in `keep` and fits; `copy` detaches an image that is a view
+        of a whole batch, so what is kept is what is counted."""
         size = item[0].numel() * item[0].element_size()
         if index in self.keep and self.nbytes + size <= self.max_bytes:
-            self.items[index] = item
+            self.items[index] = (item[0].clone(), *item[1:]) if copy else item
             self.nbytes += size
-        return item
 
     def forget(self) -> None:
         """Drop what is remembered (the domain is done)."""

@@ -22,12 +22,12 @@ import time
 import traceback
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from circuitray import storage
 from circuitray.errors import DataError, OutputError
 from circuitray.job_config import JobConfig
 from circuitray.runtime.files import FINGERPRINT_KEY, FileRecord, remove_temporaries
@@ -44,6 +44,7 @@ from circuitray.runtime.plan import (
     weights_hash,
     weights_stat,
 )
+from circuitray.storage import AnyPath
 from circuitray.tables import (
     EDGE_SCHEMA,
     FAILURE_SCHEMA,
@@ -143,12 +144,18 @@ def _retry_io(fn: Any, attempts: int = 3, wait_s: float = 0.5) -> Any:
     return None
 
 
-def _resumable(paths: Iterable[Path], fp: str) -> bool:
-    """Both files exist and carry `fp`: written by an attempt of this checkpoint that was
-    killed before its marker (a file of another setting never passes)."""
+def _stamp(path: AnyPath) -> bytes | None:
+    """The fingerprint in a domain file's footer (None when absent or unreadable)."""
+    with storage.open_input(path) as fh:
+        return (pq.read_schema(fh).metadata or {}).get(FINGERPRINT_KEY)
+
+
+def _resumable(paths: Iterable[AnyPath], fp: str) -> bool:
+    """Both files exist and carry `fp`: written whole (renamed locally, one PUT on an object
+    store) by an attempt of this checkpoint that was killed before its marker. Anything
+    else under those names (another setting's file, garbage) is overwritten, never read."""
     try:
-        return all((pq.read_schema(p).metadata or {}).get(FINGERPRINT_KEY) == fp.encode()
-                   for p in paths)
+        return all(_stamp(p) == fp.encode() for p in paths)
     except (OSError, pa.ArrowInvalid):
         return False
 
@@ -203,7 +210,8 @@ def _run_domain(model: Any, dom: DomainPlan, row: Mapping[str, Any], root: str, 
         rec = FileRecord.of(path)
         files.update({f"{which}_rows": rec.rows, f"{which}_size": rec.size,
                       f"{which}_mtime_ns": rec.mtime_ns, f"{which}_checksum": rec.checksum})
-    n_att = pq.read_table(e_path, columns=["n_examples"]).column(0)[0].as_py()
+    with storage.open_input(e_path) as fh:
+        n_att = pq.read_table(fh, columns=["n_examples"]).column(0)[0].as_py()
     return {**info, **files, "n_examples": files["outputs_rows"], "n_attributed": n_att,
             "seconds": time.perf_counter() - start, "resumed": resumed,
             "plain_runs_reused": reused}
@@ -257,9 +265,8 @@ def discover_checkpoint(row: Mapping[str, Any], cfg: JobConfig,
     try:
         try:
             _sweep_temporaries(layout, str(row["task"]), cid)
-            running.parent.mkdir(parents=True, exist_ok=True)
-            running.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                           "started": time.time()}))
+            storage.write_text(running, json.dumps({"host": socket.gethostname(),
+                                                    "pid": os.getpid(), "started": time.time()}))
         except OSError as exc:  # a full or read-only disk: a failure row naming the path
             raise _StageError("write", OutputError.from_os_error(running, exc)) from exc
         if plan.error is not None:  # found while planning: no model is loaded for it
@@ -315,7 +322,7 @@ def discover_checkpoint(row: Mapping[str, Any], cfg: JobConfig,
                 "seconds": time.perf_counter() - start, "computed": 0}
     finally:
         with contextlib.suppress(OSError):  # nothing to remove where it could not be written
-            running.unlink(missing_ok=True)
+            storage.delete(running)
 
 
 def record_result(layout: JobLayout, result: Mapping[str, Any]) -> None:
@@ -325,7 +332,7 @@ def record_result(layout: JobLayout, result: Mapping[str, Any]) -> None:
         write_parquet_atomic(pa.Table.from_pylist(
             [{k: result[k] for k in FAILURE_SCHEMA.names}], schema=FAILURE_SCHEMA), path)
     else:
-        path.unlink(missing_ok=True)
+        storage.delete(path)
 
 
 def _stop_if_unwritable(refs: list[Any], result: Mapping[str, Any], layout: JobLayout) -> None:
@@ -382,7 +389,7 @@ def run_discover(cfg: JobConfig, rows: Iterable[Mapping[str, Any]] | None = None
     for cp in plan.checkpoints:
         if cp.complete:
             summary.skipped.append(cp.checkpoint)
-            layout.failure_file(cp.checkpoint).unlink(missing_ok=True)
+            storage.delete(layout.failure_file(cp.checkpoint))
         else:
             todo.append(cp)
     if todo:

@@ -7,9 +7,15 @@
     <out>/failures/reduce/<checkpoint>.parquet           metrics reduce could not compute (NaN)
     <out>/running/<checkpoint>.json                      the worker (host, pid) on it right now
     <out>/cache/                                         image-validation results per listing
+                                                         (a local folder for a URI output)
     <out>/classes/<task>.json                            the task's class names in label order
     <out>/metrics/, <out>/evaluation/, <out>/figures/    reduce outputs
-    <out>/mlflow.db, <out>/mlartifacts/                  the default MLflow store
+    <out>/mlflow.db, <out>/mlartifacts/                  the default MLflow store and its artifacts
+                                                         (the store in `local` for a URI output)
+
+`<out>` is a local folder (Path) or an object-store URI (circuitray.storage.ObjectPath,
+`s3://bucket/run`); every path below has the type of the root, and all I/O on them goes
+through circuitray.storage.
 
 A domain is complete exactly when its checkpoint's marker has a row for it whose fingerprint
 is the one the current config plans (circuitray.runtime.plan) and whose two files still have
@@ -19,11 +25,14 @@ the recorded size and checksum. The marker is written (atomically) after all the
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+
+from circuitray.storage import AnyPath, ObjectPath, as_path
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
@@ -73,72 +82,90 @@ def safe_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class JobLayout:
-    """Paths of one job's output folder."""
+    """Paths of one job's output folder (local, or on an object store)."""
 
-    root: Path
+    root: AnyPath
 
     @classmethod
-    def of(cls, output_dir: str | Path) -> JobLayout:
-        return cls(Path(output_dir).resolve())
+    def of(cls, output_dir: str | os.PathLike | ObjectPath) -> JobLayout:
+        root = as_path(output_dir)
+        return cls(root.resolve() if isinstance(root, Path) else root)
 
     @property
-    def edges(self) -> Path:
+    def remote(self) -> bool:
+        return isinstance(self.root, ObjectPath)
+
+    @property
+    def edges(self) -> AnyPath:
         return self.root / "edges"
 
     @property
-    def outputs(self) -> Path:
+    def outputs(self) -> AnyPath:
         return self.root / "outputs"
 
     @property
-    def checkpoints(self) -> Path:
+    def checkpoints(self) -> AnyPath:
         return self.root / "checkpoints"
 
     @property
-    def failures(self) -> Path:
+    def failures(self) -> AnyPath:
         return self.root / "failures"
 
     @property
-    def running(self) -> Path:
+    def running(self) -> AnyPath:
         return self.root / "running"
 
     @property
-    def cache(self) -> Path:
-        return self.root / "cache"
+    def local(self) -> Path:
+        """Where what needs local file I/O lives: the output folder itself, or for an
+        object-store output a local folder named after the URI
+        (`~/.cache/circuitray/<uri>`; CIRCUITRAY_CACHE_DIR moves it)."""
+        if isinstance(self.root, Path):
+            return self.root
+        base = Path(os.environ.get("CIRCUITRAY_CACHE_DIR")
+                    or Path.home() / ".cache" / "circuitray")
+        return base / safe_name(str(self.root).replace("://", "_").replace("/", "_"))
 
     @property
-    def metrics(self) -> Path:
+    def cache(self) -> Path:
+        """Image-validation results (an optimisation, read and written with local file I/O):
+        `<local>/cache`."""
+        return self.local / "cache"
+
+    @property
+    def metrics(self) -> AnyPath:
         return self.root / "metrics"
 
     @property
-    def evaluation(self) -> Path:
+    def evaluation(self) -> AnyPath:
         return self.root / "evaluation"
 
     @property
-    def figures(self) -> Path:
+    def figures(self) -> AnyPath:
         return self.root / "figures"
 
-    def edges_file(self, task: str, checkpoint: str, domain: str) -> Path:
+    def edges_file(self, task: str, checkpoint: str, domain: str) -> AnyPath:
         return self.edges / safe_name(task) / safe_name(checkpoint) / f"{safe_name(domain)}.parquet"
 
-    def outputs_file(self, task: str, checkpoint: str, domain: str) -> Path:
+    def outputs_file(self, task: str, checkpoint: str, domain: str) -> AnyPath:
         return (self.outputs / safe_name(task) / safe_name(checkpoint)
                 / f"{safe_name(domain)}.parquet")
 
-    def marker(self, checkpoint: str) -> Path:
+    def marker(self, checkpoint: str) -> AnyPath:
         return self.checkpoints / f"{safe_name(checkpoint)}.parquet"
 
-    def failure_file(self, checkpoint: str) -> Path:
+    def failure_file(self, checkpoint: str) -> AnyPath:
         return self.failures / f"{safe_name(checkpoint)}.parquet"
 
-    def reduce_failure_file(self, checkpoint: str) -> Path:
+    def reduce_failure_file(self, checkpoint: str) -> AnyPath:
         """Why reduce could not compute some metrics of a checkpoint (FAILURE_SCHEMA, stage
         "reduce"). A folder of its own: a discover success, which removes `failure_file`,
         leaves it alone, and no checkpoint id can collide with it."""
         return self.failures / "reduce" / f"{safe_name(checkpoint)}.parquet"
 
-    def running_file(self, checkpoint: str) -> Path:
+    def running_file(self, checkpoint: str) -> AnyPath:
         return self.running / f"{safe_name(checkpoint)}.json"
 
-    def class_map_file(self, task: str) -> Path:
+    def class_map_file(self, task: str) -> AnyPath:
         """The task's class map, written once by discover (circuitray.data.classes)."""
         return self.root / "classes" / f"{safe_name(task)}.json"

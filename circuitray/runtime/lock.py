@@ -7,10 +7,17 @@ so a recycled pid is not mistaken for the holder), start time and job name, and 
 when the job ends. A lock left by a job that died on this host is taken over with a notice;
 a lock from another host is never assumed stale (we cannot see its processes): the message
 says how to remove it.
+
+On an object store (`output_dir` a URI) the lock is the object `<out>/.lock`, created with a
+conditional PUT (If-None-Match: *, which S3 and MinIO honour; through boto3) so that of two
+jobs starting together exactly one gets it. Where that is not available (gs://, abfs://, an
+S3 without conditional writes, or no boto3) it is best effort: written only if absent, then
+read back, which catches all but two jobs starting within the same second; a warning says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,8 +29,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import TextIO
 
+from circuitray import storage
 from circuitray.errors import JobLockedError, OutputError
 from circuitray.procinfo import ProcessId
+from circuitray.storage import ObjectPath
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +69,7 @@ class JobLock:
 
     def __init__(self, output_dir: str | os.PathLike, job: str = "circuitray", *,
                  stream: TextIO | None = None):
-        self.path = Path(output_dir) / LOCK_NAME
+        self.path = storage.as_path(output_dir) / LOCK_NAME
         self.job = job
         self.stream = stream
         self.holder: LockHolder | None = None
@@ -77,7 +86,7 @@ class JobLock:
                 return self
             holder = self._read()
             if holder is None:
-                if not self.path.exists():
+                if not storage.exists(self.path):
                     continue  # released between our attempt and the read
                 raise JobLockedError(str(self.path), "an unreadable lock file",
                                      f"if no circuitray job is using this folder, delete "
@@ -102,7 +111,7 @@ class JobLock:
             return
         current = self._read()
         if current is not None and current.token == self.holder.token:
-            self.path.unlink(missing_ok=True)
+            storage.delete(self.path)
         elif current is not None:
             self._say(f"WARNING {self.path} now belongs to {current.describe()}; left in place")
         self.holder = None
@@ -124,6 +133,8 @@ class JobLock:
 
     def _create(self, holder: LockHolder) -> bool:
         """Write the lock exclusively; False if it exists. Errors of the folder name it."""
+        if isinstance(self.path, ObjectPath):
+            return self._create_remote(holder)
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -140,12 +151,29 @@ class JobLock:
             raise OutputError.from_os_error(self.path, exc) from exc
         return True
 
+    def _create_remote(self, holder: LockHolder) -> bool:
+        """The lock object, created only if absent (see the module docstring)."""
+        assert isinstance(self.path, ObjectPath)
+        try:
+            created = create_if_absent(self.path, json.dumps(asdict(holder)).encode())
+            if created is not None:
+                return created
+            self._say(f"WARNING {self.path}: this store offers no conditional write here; the "
+                      "lock is best effort (two jobs started within a second are not kept "
+                      "apart)")
+            if storage.exists(self.path):
+                return False
+            storage.write_text(self.path, json.dumps(asdict(holder)))
+        except OSError as exc:
+            raise OutputError.from_os_error(self.path, exc) from exc
+        return self._read() == holder  # a job racing us may have written after us: it wins
+
     def _read(self) -> LockHolder | None:
         """The holder, or None if the lock is gone or stays unreadable (waits out a lock
         created an instant ago whose content is not written yet)."""
         for _ in range(_READ_RETRIES):
             try:
-                data = json.loads(self.path.read_text(encoding="utf-8"))
+                data = json.loads(storage.read_text(self.path))
                 return LockHolder(host=str(data["host"]), pid=int(data["pid"]),
                                   pid_start=data.get("pid_start"),
                                   started=float(data["started"]), job=str(data["job"]),
@@ -160,22 +188,60 @@ class JobLock:
         """Remove a dead holder's lock, under a guard so that two jobs doing this at once
         cannot remove each other's fresh lock; the caller then creates its own."""
         guard = self.path.with_name(_TAKEOVER_NAME)
-        try:
-            os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        except FileExistsError:
-            try:
-                if time.time() - guard.stat().st_mtime > _TAKEOVER_STALE_S:
-                    guard.unlink(missing_ok=True)
-            except OSError:
-                pass
+        if not _create_guard(guard):
+            found = storage.stat(guard)
+            if found is not None and time.time() - found[1] / 1e9 > _TAKEOVER_STALE_S:
+                with contextlib.suppress(OSError):
+                    storage.delete(guard)
             time.sleep(0.1)
             return
-        except OSError as exc:
-            raise OutputError.from_os_error(guard, exc) from exc
         try:
             if self._read() == stale:
-                self.path.unlink(missing_ok=True)
+                storage.delete(self.path)
                 self._say(f"taking over the stale lock {self.path}: {stale.describe()} is no "
                           f"longer running")
         finally:
-            guard.unlink(missing_ok=True)
+            storage.delete(guard)
+
+
+def _create_guard(guard: Path | ObjectPath) -> bool:
+    """Create the (empty) takeover guard exclusively; False when it exists."""
+    try:
+        if isinstance(guard, ObjectPath):
+            created = create_if_absent(guard, b"")
+            if created is None:  # best effort, as for the lock itself
+                if storage.exists(guard):
+                    return False
+                storage.write_bytes(guard, b"")
+                return True
+            return created
+        os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise OutputError.from_os_error(guard, exc) from exc
+
+
+def create_if_absent(path: ObjectPath, data: bytes) -> bool | None:
+    """Create an object only if no object has its name, atomically (a conditional PUT,
+    If-None-Match: *): True when created, False when it existed, None when this store (or
+    this installation: S3 through boto3 only) offers no such write."""
+    if path.scheme != "s3":
+        return None
+    try:
+        import boto3
+        from botocore.exceptions import ClientError
+    except ImportError:
+        return None
+    bucket, _, key = path.uri.split("://", 1)[1].partition("/")
+    try:
+        boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+            return False
+        if code in ("NotImplemented", "501"):
+            return None
+        raise OSError(f"{path}: {exc}") from exc
+    return True

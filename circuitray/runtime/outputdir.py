@@ -1,9 +1,11 @@
 """Preflight of a job's output folder, before Ray starts or anything else is written.
 
-Workers write their tables with local file I/O (atomic rename included), so `output_dir` must
-be a folder this machine and every worker node can write: a URI such as `s3://bucket/run`
-would otherwise become the relative local folder `s3:/bucket/run` and the job would "succeed"
-into the driver's throwaway working directory.
+`output_dir` is a local folder every worker node sees, or an object-store URI
+(`s3://bucket/run`, `gs://`, `abfs://`, `hdfs://`; circuitray.storage). Either way a probe file
+is written and deleted here, so a read-only folder, a missing bucket or absent credentials stop
+the job naming the path before any model loads. An unknown scheme is refused: it would
+otherwise become a relative local folder (`ftp:/host/run`) in the driver's throwaway working
+directory.
 """
 
 from __future__ import annotations
@@ -14,18 +16,14 @@ import shutil
 import uuid
 from pathlib import Path
 
+from circuitray import storage
 from circuitray.errors import OutputError
+from circuitray.storage import SCHEMES, AnyPath, ObjectPath
+from circuitray.storage import uri_scheme as uri_scheme
 
 log = logging.getLogger(__name__)
 
 LOW_SPACE_BYTES = 256 * 2**20  # below this a warning is printed; a full disk fails on write
-
-
-def uri_scheme(path: str) -> str | None:
-    """'s3' for 's3://bucket/run'; None for local paths and file:// URIs."""
-    if "://" not in path or path.startswith("file://"):
-        return None
-    return path.split("://", 1)[0] or "?"
 
 
 def local_path(path: str | os.PathLike) -> str:
@@ -34,15 +32,29 @@ def local_path(path: str | os.PathLike) -> str:
     return text.removeprefix("file://")
 
 
-def check_output_dir(path: str | os.PathLike) -> Path:
-    """The absolute output folder, created and proven writable (a probe file is written and
-    deleted); raises OutputError naming the path for a URI, a file, or an unwritable folder."""
-    text = os.fspath(path)
-    scheme = uri_scheme(text)
-    if scheme is not None:
-        raise OutputError(text, f"'{scheme}://' is not a folder circuitray can write: workers "
-                                "write with local file I/O; use a path every node mounts "
-                                "(e.g. the bucket mounted at /mnt/...)")
+def check_remote_output_dir(root: ObjectPath) -> ObjectPath:
+    """An object-store output proven writable and deletable (one probe object), naming the
+    URI and pyarrow's reason (no such bucket, access denied, no credentials) otherwise."""
+    if root.scheme not in SCHEMES:
+        raise OutputError(str(root), f"'{root.scheme}://' is not a store circuitray can write: "
+                                     f"use a local folder or one of {list(SCHEMES)}")
+    probe = root / f".write-probe-{uuid.uuid4().hex}"
+    try:
+        storage.write_bytes(probe, b"circuitray write probe\n")
+        storage.delete(probe)
+    except (OSError, ValueError) as exc:  # pyarrow: ValueError for an unusable URI
+        raise OutputError(str(root), f"{type(exc).__name__}: {exc}") from exc
+    return root
+
+
+def check_output_dir(path: str | os.PathLike | ObjectPath) -> AnyPath:
+    """The absolute output folder (or the URI), created and proven writable (a probe file
+    is written and deleted); raises OutputError naming the path for an unknown scheme, a
+    file, or an unwritable folder or store."""
+    where = storage.as_path(path)
+    if isinstance(where, ObjectPath):
+        return check_remote_output_dir(where)
+    text = os.fspath(where)
     root = Path(local_path(text)).expanduser().resolve()
     for part in (root, *root.parents):
         if part.exists() or part.is_symlink():

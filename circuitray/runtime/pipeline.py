@@ -42,8 +42,9 @@ class PipelineResult:
 def run_pipeline(cfg: JobConfig, *, force_reduce: bool = False) -> PipelineResult:
     """Run the configured stages; the resolved config is saved beside the tables.
 
-    Before Ray starts: the output folder is checked (a URI, a file or an unwritable folder
-    is refused, naming it) and locked against a second job. A full disk or an unwritable
+    Before Ray starts: the output folder or object-store URI is checked (an unknown scheme,
+    a file or an unwritable folder or store is refused, naming it) and locked against a
+    second job. A full disk or an unwritable
     subfolder stops the job with OutputError naming the path; what was complete stays
     complete, so a re-run resumes.
     """

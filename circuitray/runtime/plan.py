@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 import circuitray
+from circuitray import storage
 from circuitray.config import to_dict
 from circuitray.data.listing import Listing, list_domain, validate_listing
 from circuitray.errors import CircuitrayError, ConfigError, DataError
@@ -317,10 +319,14 @@ class JobPlan:
 def read_marker(layout: JobLayout, checkpoint: str) -> dict[str, dict[str, Any]]:
     """The checkpoint's marker rows by domain ({} when there is none or it is unreadable)."""
     path = layout.marker(checkpoint)
-    if not path.is_file():
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        return {}
+    except IsADirectoryError:
         return {}
     try:
-        rows = pq.read_table(path).to_pylist()
+        rows = pq.read_table(pa.BufferReader(data)).to_pylist()
     except Exception:  # a damaged marker means: recompute, never trust
         return {}
     return {str(r["domain"]): r for r in rows}
@@ -374,13 +380,14 @@ def _marker_weights_hash(marker: Mapping[str, Mapping[str, Any]], weights: str) 
 
 
 def plan_checkpoint(row: Mapping[str, Any], cfg: JobConfig, layout: JobLayout,
-                    listings: _Listings | None = None, *,
-                    hash_weights: bool = False) -> CheckpointPlan:
+                    listings: _Listings | None = None, *, hash_weights: bool = False,
+                    listed: Mapping[Any, tuple[int, int]] | None = None) -> CheckpointPlan:
     """What is complete for one checkpoint and why the rest must run.
 
     The weights are hashed when a marker exists but the file's size or mtime moved (or when
     `hash_weights`); a checkpoint without a marker is hashed by its own task, which reads the
-    file anyway.
+    file anyway. `listed`: the output's files with (size, mtime_ns) from one listing (an
+    object store's LIST), else each file is stat'ed.
     """
     listings = listings or _Listings(layout.cache, validate=True)
     plan = CheckpointPlan(row=dict(row))
@@ -410,13 +417,14 @@ def plan_checkpoint(row: Mapping[str, Any], cfg: JobConfig, layout: JobLayout,
     plan.dropped = sorted(set(marker) - {s.name for s in specs})
     for spec in specs:
         plan.domains.append(_plan_domain(spec, row, cfg, layout, plan, marker.get(spec.name),
-                                         has_marker=bool(marker)))
+                                         has_marker=bool(marker), listed=listed))
     return plan
 
 
 def _plan_domain(spec: DomainSpec, row: Mapping[str, Any], cfg: JobConfig, layout: JobLayout,
                  plan: CheckpointPlan, record: Mapping[str, Any] | None, *,
-                 has_marker: bool) -> DomainPlan:
+                 has_marker: bool, listed: Mapping[Any, tuple[int, int]] | None = None
+                 ) -> DomainPlan:
     inputs = fp = None
     if plan.weights_hash is not None:
         inputs = domain_inputs(row, spec, cfg, weights=plan.weights_hash,
@@ -438,7 +446,7 @@ def _plan_domain(spec: DomainSpec, row: Mapping[str, Any], cfg: JobConfig, layou
     task, cid = plan.task, plan.checkpoint
     for which, path in (("edges", layout.edges_file(task, cid, spec.name)),
                         ("outputs", layout.outputs_file(task, cid, spec.name))):
-        problem = check_file(path, file_record(record, which))
+        problem = check_file(path, file_record(record, which), listed)
         if problem is not None:
             dom.reason = problem
             return dom
@@ -452,7 +460,10 @@ def plan_job(cfg: JobConfig, rows: Iterable[Mapping[str, Any]] | None = None, *,
     layout = JobLayout.of(cfg.output_dir)
     rows = list(manifest_rows(cfg) if rows is None else rows)
     listings = _Listings(layout.cache, validate=validate_images)
-    return JobPlan([plan_checkpoint(r, cfg, layout, listings) for r in rows])
+    listed = None
+    if layout.remote:  # one LIST of each table folder, not a HEAD per file
+        listed = storage.stat_tree(layout.edges) | storage.stat_tree(layout.outputs)
+    return JobPlan([plan_checkpoint(r, cfg, layout, listings, listed=listed) for r in rows])
 
 
 def read_failures(layout: JobLayout) -> pd.DataFrame:

@@ -24,8 +24,14 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import json
+
+    # Under `ray job submit` the job's runtime env already gives its env_vars to every
+    # worker, and Ray refuses a driver that sets one of them again: hand on only the others.
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    from_job = (job.get("runtime_env") or {}).get("env_vars") or {}
     env_vars = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "MLFLOW_DISABLE_TELEMETRY")
-                if k in os.environ}
+                if k in os.environ and k not in from_job}
     runtime_env = {"env_vars": env_vars} if env_vars else None
     address = address or os.environ.get("RAY_ADDRESS")
     ray_level = max(logging.INFO, current_level())  # -q: no "Started a local Ray instance"
