@@ -255,6 +255,13 @@ def _save(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
             tmp.unlink()
 
 
+def _norm_metadata(transform: Any) -> dict[str, str]:
+    """The mean/std the model was trained with, in the safetensors header where circuitray
+    (and anyone reading the file) finds them: the checkpoint says how to feed it."""
+    return {"mean": json.dumps([float(v) for v in transform.mean]),
+            "std": json.dumps([float(v) for v in transform.std])}
+
+
 def _row(spec: dict[str, Any], weights: str, epoch: int, final: bool, id_acc: float,
          ood_acc: float, data_root: str, num_classes: int, seconds: float) -> dict[str, Any]:
     cid = spec["checkpoint_id"] if final else f"{spec['checkpoint_id']}.e{epoch}"
@@ -418,7 +425,8 @@ def _train(spec: dict[str, Any], task_dir: Path, out_dir: Path) -> dict[str, Any
     mid_epochs = sorted({round(epochs * k / (n_mid + 1)) for k in range(1, n_mid + 1)} - {0, epochs})
     rel_data = os.path.relpath(task_dir.resolve(), out_dir.resolve())
     rows = []
-    meta = {"checkpoint_id": cid, "spec": json.dumps(spec, sort_keys=True)}
+    meta = {"checkpoint_id": cid, "spec": json.dumps(spec, sort_keys=True),
+            **_norm_metadata(transform)}
     eval_bs = int(spec.get("eval_batch_size", 500))
 
     def save_checkpoint(epoch: int, _loss: float) -> None:
@@ -470,7 +478,8 @@ def pretrain_backbone(spec: dict[str, Any], task_dir: str | os.PathLike,
          log_epoch)
     weights = f"backbone/{cid}.safetensors"
     _save(model, out_dir / weights, {"checkpoint_id": cid,
-                                     "spec": json.dumps(spec, sort_keys=True)})
+                                     "spec": json.dumps(spec, sort_keys=True),
+                                     **_norm_metadata(transform)})
     row = {"checkpoint_id": cid, "task": spec["task"], "arch": spec["arch"],
            "arch_kwargs": json.dumps(spec["arch_kwargs"], sort_keys=True), "weights": weights,
            "num_classes": len(classes),

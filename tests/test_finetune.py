@@ -69,6 +69,16 @@ def test_last_k_changes_only_the_last_k_blocks_and_the_final_norm(mini_zoo) -> N
         == {"blocks.2"}
 
 
+def test_zoo_checkpoints_carry_their_normalization(mini_zoo) -> None:
+    from circuitray.models import read_checkpoint_preprocessing
+
+    _, zoo, _ = mini_zoo
+    for csv in ("checkpoints.csv", "backbone.csv"):
+        for _, row in read_manifest(zoo / csv).iterrows():
+            fields, source = read_checkpoint_preprocessing(str(zoo / row["weights"]))
+            assert fields["mean"] == [0.5, 0.5, 0.5] and "safetensors metadata" in source
+
+
 def test_full_fine_tune_changes_every_block(mini_zoo) -> None:
     _, zoo, _ = mini_zoo
     changed = _changed(_weights(zoo, "full"), _backbone(zoo))
