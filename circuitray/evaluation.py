@@ -261,15 +261,22 @@ NEAR_CHANCE = 0.05  # ID accuracy less than this above 1/num_classes: the model 
 
 def usable_checkpoints(frame: pd.DataFrame, *, metrics: Sequence[str], target: str,
                        by: str = "task", min_n: int = MIN_CHECKPOINTS) -> pd.DataFrame:
-    """Per `by` group, how many rows (checkpoints) any statistic could use: a finite target
-    and at least one finite metric. Columns: `by`, n_usable, evaluate (n_usable ≥ min_n) and
-    note ("task X: only n usable checkpoints (need 3)" for the groups to skip)."""
+    """Per `by` group, how many checkpoints any statistic could use: a finite target and at
+    least one finite metric. A checkpoint counts once however many rows it has; with several
+    OOD domains (a `domain` column) a group is evaluated per domain, so its count is that of
+    its poorest domain. Columns: `by`, n_usable, evaluate (n_usable ≥ min_n) and note
+    ("task X: only n usable checkpoints (need 3)" for the groups to skip)."""
     require_columns(frame, [by, target, *metrics], "evaluation frame")
     target_ok = np.isfinite(frame[target].to_numpy(float))
     metric_ok = (np.isfinite(frame[list(metrics)].to_numpy(float)).any(axis=1) if len(metrics)
                  else np.zeros(len(frame), bool))
-    counts = (frame.assign(_usable=target_ok & metric_ok)
-              .groupby(by, sort=True)["_usable"].sum().astype(int))
+    usable = frame.assign(_usable=target_ok & metric_ok)
+    if "checkpoint" not in usable:  # one row per checkpoint
+        usable = usable.assign(checkpoint=np.arange(len(usable)))
+    inner = [by, "domain"] if "domain" in usable and by != "domain" else [by]
+    per = (usable[usable["_usable"]].groupby(inner)["checkpoint"].nunique()
+           .reindex(usable.groupby(inner).size().index, fill_value=0))
+    counts = per.groupby(level=0).min().astype(int) if len(inner) > 1 else per.astype(int)
     out = counts.rename("n_usable").reset_index()
     out["evaluate"] = out["n_usable"] >= min_n
     out["note"] = [

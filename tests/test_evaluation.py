@@ -457,3 +457,18 @@ def test_task_with_fewer_than_three_usable_checkpoints_is_marked_to_skip() -> No
     assert out.n_usable.to_dict() == {"a": 4, "b": 2}  # b: no metric / no target in two rows
     assert out.evaluate.to_dict() == {"a": True, "b": False}
     assert out.note.to_dict() == {"a": "", "b": "task b: only 2 usable checkpoints (need 3)"}
+
+
+def test_usable_checkpoints_count_checkpoints_not_rows_with_two_ood_domains() -> None:
+    """Two OOD domains give two rows per checkpoint, and each domain is evaluated on its
+    own: two checkpoints are two, not four, and a domain with fewer decides."""
+    frame = pd.DataFrame({
+        "task": ["a"] * 4 + ["b"] * 6,
+        "checkpoint": ["c0", "c0", "c1", "c1"] + ["c0", "c1", "c2", "c0", "c1", "c2"],
+        "domain": ["x", "y", "x", "y"] + ["x", "x", "x", "y", "y", "y"],
+        "ood_acc": [0.5, 0.6, 0.7, 0.8] + [0.5, 0.6, 0.7, 0.5, np.nan, 0.7],
+        "ac": [0.1, 0.2, 0.3, 0.4] + [0.1, 0.2, 0.3, 0.1, 0.2, 0.3],
+    })
+    out = usable_checkpoints(frame, metrics=["ac"], target="ood_acc").set_index("task")
+    assert out.n_usable.to_dict() == {"a": 2, "b": 2}  # b: domain y lacks c1's target
+    assert not out.evaluate.any()

@@ -336,3 +336,26 @@ def test_a_killed_reduce_leaves_no_temporary_behind_the_next_one(
         tmp.write_bytes(b"half")
     again = run_reduce(tasks_job.config)
     assert again.skipped and not any(p.exists() for p in left)
+
+
+@pytest.mark.slow
+def test_circuit_figure_reads_its_edges_only_from_bytes_matching_the_marker(
+        tasks_job: PipelineResult, tmp_path: Path) -> None:
+    """The circuit drawing is an input read like the metrics': a file whose bytes no longer
+    match its marker stops reduce naming it, instead of being drawn as if it were the one."""
+    from circuitray.errors import StaleResultError
+    from circuitray.runtime.reduce import edges_checksums, figures
+
+    cfg = tasks_job.config
+    layout = JobLayout.of(cfg.output_dir)
+    models = _table(layout, "models")
+    first = models.iloc[0]
+    checksums = edges_checksums(plan_job(cfg))
+    assert (first["checkpoint"], first["domain"]) in checksums
+    drawn = figures(layout, models.iloc[:0], models, {}, cfg, pd.read_csv(cfg.manifest), {},
+                    [], fig_dir=tmp_path, edges_checksums=checksums)
+    assert tmp_path / "circuit.png" in drawn
+    wrong = {key: "0" * 32 for key in checksums}
+    with pytest.raises(StaleResultError, match=r"\.parquet: damaged"):
+        figures(layout, models.iloc[:0], models, {}, cfg, pd.read_csv(cfg.manifest), {}, [],
+                fig_dir=tmp_path, edges_checksums=wrong)

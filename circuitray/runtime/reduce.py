@@ -59,7 +59,7 @@ from circuitray.runtime.plan import (
     plan_job,
     read_failures,
 )
-from circuitray.tables import FAILURE_SCHEMA, read_parquet, write_parquet_atomic
+from circuitray.tables import FAILURE_SCHEMA, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -754,15 +754,18 @@ def training_runs_table(frame: pd.DataFrame, manifest: pd.DataFrame, cfg: JobCon
 def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
             evals: Mapping[str, pd.DataFrame], cfg: JobConfig, manifest: pd.DataFrame,
             motif: Mapping[str, Any], notes: list[str], runs: pd.DataFrame | None = None,
-            fig_dir: Path | None = None
-            ) -> list[Path]:
+            fig_dir: Path | None = None, edges_checksums: Mapping[tuple[str, str], str] | None
+            = None) -> list[Path]:
     """Every figure DESIGN §6 asks for that the data at hand supports; one that cannot be
     drawn (e.g. no proxy domain with a finite metric to calibrate the alarm) is noted and
     the others are still drawn.
 
     `frame` holds all domains of final checkpoints and ID/OOD rows of intermediate ones;
     `models` one row per final checkpoint (× OOD domain). Per-group figures are named by
-    the group's label (`group_labels`); file paths use the real task.
+    the group's label (`group_labels`); file paths use the real task. The circuit drawing
+    reads its edges like every other input: checked against the marker's checksum
+    (`edges_checksums`, (checkpoint, domain) -> checksum), so it never draws a file that
+    changed after its metrics were computed.
     """
     from circuitray import plots
 
@@ -837,7 +840,8 @@ def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
     if not final.empty:
         task, cid, dom = final.iloc[0][["task", "checkpoint", "domain"]]
         draw("circuit", lambda: plots.circuit_drawing(
-            read_parquet(layout.edges_file(task, cid, dom)).to_pandas(),
+            _read_table(str(layout.edges_file(task, cid, dom)),
+                        (edges_checksums or {})[(cid, dom)]).to_pandas(),
             fig_dir / "circuit.png", top_n=40, title=f"circuit of {cid} on {dom} (top 40 edges)"))
     return paths
 
@@ -1035,6 +1039,13 @@ def _drawn_into(layout: JobLayout, draw: Callable[[Path | None], list[Path]]) ->
                 for p in draw(Path(tmp))]
 
 
+def edges_checksums(plan: JobPlan) -> dict[tuple[str, str], str]:
+    """(checkpoint, domain) -> the edges file's checksum its marker recorded."""
+    return {(cp.checkpoint, d.spec.name): str(d.record["edges_checksum"])
+            for cp in plan.checkpoints for d in cp.domains
+            if d.record and d.record.get("edges_checksum")}
+
+
 def check_ready(plan: JobPlan, failed: set[str]) -> None:
     """Refuse to reduce when a planned checkpoint that did not fail has a stale, damaged or
     missing domain: its numbers would be from another setting, or silently absent."""
@@ -1144,7 +1155,8 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
                  result.notes, "DDB over training")
     if cfg.reduce.figures:
         result.figures = _safe(lambda: _drawn_into(layout, lambda where: figures(
-            layout, frame, models, evals, cfg, manifest, motif, result.notes, runs, where)),
+            layout, frame, models, evals, cfg, manifest, motif, result.notes, runs, where,
+            edges_checksums(plan))),
             result.notes, "figures") or []
     if runs is not None and not runs.empty:
         drawn = {p.name for p in result.figures}
