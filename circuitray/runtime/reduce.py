@@ -562,9 +562,12 @@ def _note(notes: list[str], message: str) -> None:
 
 def _safe(fn: Any, notes: list[str], what: str) -> Any:
     """`fn()`, or None with a note when the data do not allow it; an output that cannot be
-    written (disk full, read-only) is not a data problem and stops the job naming the path."""
+    written (disk full, read-only) is not a data problem and stops the job naming the path,
+    and neither is an input that no longer matches its marker (StaleResultError)."""
     try:
         return fn()
+    except StaleResultError:
+        raise
     except OSError as exc:
         if os_error_is_permanent(exc):
             raise OutputError.from_os_error(exc.filename or what, exc) from exc
