@@ -33,7 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from circuitray.data.image_list import is_image_list, read_image_list, rows_message
+from circuitray.data.image_list import (
+    is_image_list,
+    read_image_list,
+    read_user_file,
+    rows_message,
+)
 from circuitray.data.listing import IMAGE_SUFFIXES
 from circuitray.errors import CheckpointError, DataError
 
@@ -132,11 +137,7 @@ def parse_class_list(value: Any, where: str) -> tuple[str, ...] | None:
 def read_class_map_file(path: str | os.PathLike) -> ClassMap:
     """A text file with one class name per line, in label order (blank lines skipped)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise DataError(path, f"unreadable class-map file (config key data.class_map): "
-                              f"{exc.strerror or exc}") from exc
+    text = read_user_file(path, "class-map file (config key data.class_map)").decode()
     names = tuple(line.strip() for line in text.splitlines() if line.strip())
     return ClassMap(names, f"class-map file {path}")
 

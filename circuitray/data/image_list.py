@@ -176,15 +176,20 @@ def _parse(source: Path, content: bytes) -> ImageList:
     return ImageList(source, tuple(rows), indices)
 
 
+def read_user_file(path: Path, what: str) -> bytes:
+    """The bytes of a file the user named in the config; `what` ("image list (config key
+    data.image_list)") says which, so an unreadable one is named with its key."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(path, f"unreadable {what}: {exc.strerror or exc}") from exc
+
+
 def read_image_list(path: str | os.PathLike) -> ImageList:
     """Parse and check an image list (remembered by content: an edit within the same mtime
     tick is still seen)."""
     path = Path(path)
-    try:
-        content = path.read_bytes()
-    except OSError as exc:
-        raise DataError(path, f"unreadable image list (config key data.image_list): "
-                              f"{exc.strerror or exc}") from exc
+    content = read_user_file(path, "image list (config key data.image_list)")
     key = (str(path), hashlib.sha256(content).hexdigest())
     if key not in _PARSED:
         if len(_PARSED) >= 16:
