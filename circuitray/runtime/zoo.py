@@ -122,6 +122,8 @@ def train_zoo(config: ZooConfig, out_dir: str | os.PathLike, *, reuse: bool = Tr
     (tests, debugging). A configuration that fails is recorded in failures.parquet and the
     others go on.
     """
+    if executor not in ("ray", "inline"):
+        raise ValueError(f"executor must be 'ray' or 'inline', got {executor!r}")
     # a caller's stream (tests) gets the lines as they were printed, else the logger
     say = partial(print, file=stream, flush=True) if stream is not None else log.info
     out = Path(out_dir).resolve()  # Ray workers need paths that do not depend on their cwd
@@ -155,8 +157,6 @@ def train_zoo(config: ZooConfig, out_dir: str | os.PathLike, *, reuse: bool = Tr
             refs, "train_zoo", stream, unit="models", failed=lambda r: bool(r.get("error"))))
     elif executor == "inline":
         results = ((i, train_one(*a)) for i, a in enumerate(args))
-    elif todo:
-        raise ValueError(f"executor must be 'ray' or 'inline', got {executor!r}")
     else:
         results = iter(())
     failures = []
