@@ -34,8 +34,9 @@ DATASET_ABLATIONS = ("mean-positional", "mean", "zero")  # need nothing beyond t
 ABLATIONS = (*DATASET_ABLATIONS, "corrupted")  # corrupted: needs `corrupted_batches`
 METRICS = ("kl", "logit", "ce")
 DTYPES = ("fp32", "bf16", "fp64")
-# Memory for EAP-IG's per-destination gradients summed over the IG points (see score_batch):
-# all of them for the small configs, the last 5 blocks of ViT-B/16 at batch 4.
+# Memory for EAP-IG's per-destination gradients summed over the IG points, in the family's
+# factored form (see score_batch): every block of the small configs and of ViT-B/16 at
+# batch 4 (about 22 MiB a block at five points).
 IG_SUM_BYTES = 512 * 2**20
 
 
@@ -233,24 +234,22 @@ def score_batch(runner: _Runner, images: torch.Tensor, ablated: torch.Tensor, *,
             per[:, :rows, cols] += part
             total[:rows, cols] += part.sum(0)
 
-    # Δ is the same at every IG point, so Σ_k Δ·G_k = Δ·(Σ_k G_k): the gradients of the last
-    # blocks' destinations (and of the logits) are summed over the points and contracted once
-    # per batch; earlier blocks, past IG_SUM_BYTES, are contracted point by point. The
-    # contractions were ~1/7 of EAP-IG(5)'s time on ViT-B/16 and ~1/8 on the small config.
-    L, width, n_dst = ad.n_blocks, 3 * H + 1, g.n_dst
-    row_bytes = N * T * D * delta.element_size()
-    c0 = n_dst  # destinations from column c0 on are summed
-    if len(alphas) > 1 and IG_SUM_BYTES >= row_bytes:
-        c0 = (L - min(L, (IG_SUM_BYTES // row_bytes - 1) // width)) * width
-    acc = torch.zeros(n_dst - c0, N, T * D, dtype=runner.work, device=runner.device)
-
-    def take(rows: int, col: int, grads: torch.Tensor) -> None:
-        """Destinations col.. read gradients `grads` [v, ...] at this IG point."""
-        v = grads.shape[0]
-        if col >= c0:
-            acc[col - c0:col - c0 + v].add_(grads.reshape(v, N, T * D).to(runner.work))
-        else:
-            add(rows, slice(col, col + v), grads)
+    # Δ is the same at every IG point, so Σ_k Δ·G_k = Δ·(Σ_k G_k): for the last blocks (and
+    # the logits) the points' gradients are kept in the family's factored form (the q/k/v
+    # factor summed, the per-point parts stacked), turned into gradients and contracted
+    # once per batch; earlier blocks, past IG_SUM_BYTES, are contracted point by point.
+    # Building the per-head gradients was the largest cost above the passes themselves.
+    L, n_dst, K = ad.n_blocks, g.n_dst, len(alphas)
+    elt = delta.element_size()
+    layer_bytes = (K + 4) * N * T * D * elt  # Σgr (3 residuals), K x̂, the MLP's sum
+    l0 = L  # blocks from l0 on are summed
+    if K > 1 and IG_SUM_BYTES >= N * T * D * elt:
+        l0 = L - min(L, (IG_SUM_BYTES - N * T * D * elt) // layer_bytes)
+    gr_sum: dict[int, torch.Tensor] = {}
+    ms: dict[int, list[torch.Tensor]] = {layer: [] for layer in range(l0, L)}
+    xhs: dict[int, list[torch.Tensor]] = {layer: [] for layer in range(l0, L)}
+    mlp_sum: dict[int, torch.Tensor] = {}
+    logits_sum = None
 
     for alpha in alphas:
         e_k = (e_abl + alpha * (e_clean - e_abl)).to(runner.param_dtype).requires_grad_(True)
@@ -262,19 +261,35 @@ def score_batch(runner: _Runner, images: torch.Tensor, ablated: torch.Tensor, *,
         for layer in range(L):
             cols = g.block_dst_slice(layer)
             p = g.n_sources_of(cols.start)
-            g_in, g_m = ad.read_grads(rec, grads, layer, runner.work)
-            take(p, cols.start, g_in)
-            take(p + H, cols.stop - 1, g_m.unsqueeze(0))
-            del g_in, g_m
-        take(g.n_src, n_dst - 1, ad.logits_read_grad(rec, grads).unsqueeze(0))
-        del grads, rec
-    for layer in range(c0 // width, L):  # the summed destinations, contracted once
+            f = ad.head_read_factors(rec, grads, layer, runner.work)
+            g_m = ad.mlp_read_grad(rec, grads, layer, runner.work)
+            if layer < l0:
+                heads = ad.head_read_grads(layer, f.gr, f.m.unsqueeze(0), f.xh.unsqueeze(0))
+                add(p, slice(cols.start, cols.stop - 1), heads)
+                add(p + H, slice(cols.stop - 1, cols.stop), g_m.unsqueeze(0))
+                del heads
+            else:
+                gr_sum[layer] = f.gr if layer not in gr_sum else gr_sum[layer].add_(f.gr)
+                ms[layer].append(f.m)
+                xhs[layer].append(f.xh)
+                mlp_sum[layer] = g_m if layer not in mlp_sum else mlp_sum[layer].add_(g_m)
+            del f, g_m
+        g_out = ad.logits_read_grad(rec, grads).to(runner.work)
+        if l0 < L:
+            logits_sum = g_out if logits_sum is None else logits_sum.add_(g_out)
+        else:
+            add(g.n_src, slice(n_dst - 1, n_dst), g_out.unsqueeze(0))
+        del grads, rec, g_out
+    for layer in range(l0, L):  # the summed destinations, contracted once
         cols = g.block_dst_slice(layer)
-        p, mlp = g.n_sources_of(cols.start), cols.stop - 1
-        add(p, slice(cols.start, mlp), acc[cols.start - c0:mlp - c0])
-        add(p + H, slice(mlp, cols.stop), acc[mlp - c0:cols.stop - c0])
-    if c0 < n_dst:
-        add(g.n_src, slice(n_dst - 1, n_dst), acc[-1:])
+        p = g.n_sources_of(cols.start)
+        heads = ad.head_read_grads(layer, gr_sum.pop(layer), torch.stack(ms.pop(layer)),
+                                   torch.stack(xhs.pop(layer)))
+        add(p, slice(cols.start, cols.stop - 1), heads)
+        del heads
+        add(p + H, slice(cols.stop - 1, cols.stop), mlp_sum.pop(layer).unsqueeze(0))
+    if logits_sum is not None:
+        add(g.n_src, slice(n_dst - 1, n_dst), logits_sum.unsqueeze(0))
     return total, per
 
 

@@ -56,6 +56,16 @@ class Record:
         return [*self.qkv, *self.n2, self.final]
 
 
+@dataclass
+class HeadFactors:
+    """One point's q/k/v read gradients as G_h = gr_h·W'_h − m_h ⊗ xh, W' the family's own
+    weights: gr [3H, N·T, dh], m [3H, N·T], xh [N·T, D] (see `FamilyAdapter.head_read_factors`)."""
+
+    gr: torch.Tensor
+    m: torch.Tensor
+    xh: torch.Tensor
+
+
 class FamilyAdapter(ABC):
     """Reads one model family as the graph of DESIGN §1; refuses what breaks that graph.
 
@@ -103,17 +113,40 @@ class FamilyAdapter(ABC):
         """Source node values in graph order [n_src, ..., T, D] from a Record's raw parts."""
 
     @abstractmethod
+    def head_read_factors(self, rec: Record, grads: Sequence[torch.Tensor], layer: int,
+                          dtype: torch.dtype) -> HeadFactors:
+        """Block `layer`'s q/k/v destinations' gradients at one point, in factored form.
+
+        `grads` are the gradients of `rec.read_points()`. `head_read_grads` turns factors
+        into the gradients; the engine may first sum `gr` over EAP-IG's points (it enters
+        linearly) and stack the points' `m` and `xh`, so one expensive product per batch
+        serves every point (exact: Δ is the same at every point).
+        """
+
+    @abstractmethod
+    def head_read_grads(self, layer: int, gr: torch.Tensor, m: torch.Tensor,
+                        xh: torch.Tensor) -> torch.Tensor:
+        """The q/k/v destinations' ∂M/∂(residual) [3H (head-major, q/k/v within a head),
+        N·T, D] from factors: `gr` [3H, N·T, dh] (one point's or a sum over points), `m`
+        [K, 3H, N·T] and `xh` [K, N·T, D] (the K points' own)."""
+
+    @abstractmethod
+    def mlp_read_grad(self, rec: Record, grads: Sequence[torch.Tensor], layer: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+        """The MLP destination's ∂M/∂(residual) [N, T, D] as block `layer` reads it."""
+
     def read_grads(self, rec: Record, grads: Sequence[torch.Tensor], layer: int,
                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """∂M/∂(residual stream) as block `layer`'s destinations read it.
+        """∂M/∂(residual stream) as block `layer`'s destinations read it, at one point.
 
-        `grads` are the gradients of `rec.read_points()`. Returns the q/k/v destinations'
-        [3H (head-major, q/k/v within a head), N·T, D] and the MLP destination's [N, T, D],
+        Returns the q/k/v destinations' [3H, N·T, D] and the MLP destination's [N, T, D],
         in `dtype`: the family owns the backward of whatever sits between the residual
-        stream and the read point (norms, q/k/v weights). The engine may sum them over
-        EAP-IG's points and contract the sum with Δ once (exact: Δ is the same at every
-        point), so they must be the destinations' gradients as such, with nothing else in.
+        stream and the read point (norms, q/k/v weights); they must be the destinations'
+        gradients as such, with nothing else in (the engine sums them over points).
         """
+        f = self.head_read_factors(rec, grads, layer, dtype)
+        heads = self.head_read_grads(layer, f.gr, f.m.unsqueeze(0), f.xh.unsqueeze(0))
+        return heads, self.mlp_read_grad(rec, grads, layer, dtype)
 
     def logits_read_grad(self, rec: Record, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """∂M/∂(final residual stream) [N, T, D]: `final` is itself a read point."""

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from circuitray.errors import InputError, UnsupportedModelError
-from circuitray.families.base import FamilyAdapter, Record, model_name, register
+from circuitray.families.base import FamilyAdapter, HeadFactors, Record, model_name, register
 from circuitray.graph import ViTGraph
 
 
@@ -45,26 +45,47 @@ def _ln_vjp(norm: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor) -> torch.Tenso
     return r * (gw - gw.mean(-1, keepdim=True) - xh * (gw * xh).mean(-1, keepdim=True))
 
 
-def _head_read_grads(norm: nn.LayerNorm, w_qkv: torch.Tensor, x: torch.Tensor,
-                     g_qkv: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """∂M/∂(residual) through each head's q, k or v alone: [3H (head-major), N·T, D].
+def _head_read_factors(norm: nn.LayerNorm, qkv: nn.Linear, x: torch.Tensor, out: torch.Tensor,
+                       g_qkv: torch.Tensor, n_heads: int) -> HeadFactors:
+    """The q/k/v destinations' read gradients at one point, factored (see `_heads_from`).
 
-    LN-VJP(g_{s,h} W_{s,h}) = r(γg' − mean(γg') − x̂·mean(γg'x̂)). Folding 1/σ into the small
-    per-head gradients and γ (and the centring) into W leaves one bmm plus one dot and one
-    in-place pass on the big tensor (instead of ~10 elementwise passes).
+    LN-VJP(g_{s,h} W_{s,h}) = r·g_{s,h}Wc_{s,h} − x̂·m_{s,h}, with Wc = γ-scaled, centred W and
+    m = mean_d(r·g Wc ⊙ x̂) = r·Σ_i g_i (x̂·Wc_i)/D. Since x̂ sums to 0, x̂·Wc_i = x̂·(γW_i),
+    which is the recorded q/k/v output minus its constant part (βWᵀ + b): m costs one pass
+    over [N·T, 3D] and the big [3H, N·T, D] tensor is not built here at all.
     """
     N, T, D = x.shape
-    dh = w_qkv.shape[0] // (3 * n_heads)
+    dh = qkv.weight.shape[0] // (3 * n_heads)
     r, xh = _ln_stats(norm, x)
-    gr = (g_qkv.reshape(N * T, 3, n_heads, dh) * r.reshape(N * T, 1, 1, 1))
-    gr = gr.permute(2, 1, 0, 3).reshape(3 * n_heads, N * T, dh)
-    wg = (w_qkv.view(3, n_heads, dh, D) * norm.weight.to(x.dtype)).transpose(0, 1)
+    r = r.reshape(N * T, 1)
+    const = torch.zeros((), dtype=x.dtype, device=x.device)
+    if norm.bias is not None:
+        const = norm.bias.to(x.dtype) @ qkv.weight.to(x.dtype).T
+    if qkv.bias is not None:
+        const = const + qkv.bias.to(x.dtype)
+    g = g_qkv.reshape(N * T, 3 * D)
+    m = (g * (out.reshape(N * T, 3 * D) - const)).view(N * T, 3, n_heads, dh).sum(-1)
+    m = (m * (r / D).unsqueeze(-1)).permute(2, 1, 0).reshape(3 * n_heads, N * T)
+    gr = (g * r).view(N * T, 3, n_heads, dh).permute(2, 1, 0, 3).reshape(3 * n_heads, N * T, dh)
+    return HeadFactors(gr, m, xh.reshape(N * T, D))
+
+
+def _heads_from(norm: nn.LayerNorm, w_qkv: torch.Tensor, gr: torch.Tensor,
+                m: torch.Tensor, xh: torch.Tensor) -> torch.Tensor:
+    """[3H, N·T, D] = gr·Wc − Σ_k m_k ⊗ x̂_k, for gr [3H, N·T, dh], m [K, 3H, N·T], x̂ [K, N·T, D].
+
+    Linear in gr, so gr may be a sum over EAP-IG's points: one bmm per batch instead of one
+    per point. Folding γ and the centring into W leaves one bmm and one pass over the result.
+    """
+    H3, NT, dh = gr.shape
+    D = xh.shape[-1]
+    wg = w_qkv.to(gr.dtype).view(3, H3 // 3, dh, D) * norm.weight.to(gr.dtype)
+    wg = wg.transpose(0, 1).reshape(H3, dh, D)
     wg = wg - wg.mean(-1, keepdim=True)  # centred rows: the bmm subtracts mean(γg') itself
-    grads = torch.bmm(gr, wg.reshape(3 * n_heads, dh, D))           # r·(γg' − mean(γg'))
-    xh = xh.reshape(N * T, D)
-    # x̂ sums to 0, so centring does not change mean(γg'x̂); vecdot is ~4x faster than einsum
-    mean_x = torch.linalg.vecdot(grads, xh).unsqueeze(-1) / D
-    return grads.addcmul_(xh, mean_x, value=-1)
+    grads = torch.bmm(gr, wg)
+    for m_k, xh_k in zip(m, xh, strict=True):  # one in-place pass per point (a batched
+        grads.addcmul_(xh_k, m_k.unsqueeze(-1), value=-1)  # [3H,K]@[K,D] was no faster)
+    return grads
 
 
 @register
@@ -259,17 +280,24 @@ class ViTAdapter(FamilyAdapter):
             for h in handles:
                 h.remove()
 
-    def read_grads(self, rec: Record, grads: Sequence[torch.Tensor], layer: int,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pull the gradients at block `layer`'s qkv and norm2 outputs back to the residual
-        stream its destinations read: through W_qkv per head, then norm1; through norm2."""
-        blk, L = self.model.blocks[layer], self.n_blocks
-        x_in = rec.x_in[layer].detach().to(dtype)
-        heads = _head_read_grads(blk.norm1, blk.attn.qkv.weight.to(dtype), x_in,
-                                 grads[layer].to(dtype), self.n_heads)
+    def head_read_factors(self, rec: Record, grads: Sequence[torch.Tensor], layer: int,
+                          dtype: torch.dtype) -> HeadFactors:
+        """Block `layer`'s q/k/v gradients, pulled back through W_qkv per head and norm1."""
+        blk = self.model.blocks[layer]
+        return _head_read_factors(blk.norm1, blk.attn.qkv, rec.x_in[layer].detach().to(dtype),
+                                  rec.qkv[layer].detach().to(dtype), grads[layer].to(dtype),
+                                  self.n_heads)
+
+    def head_read_grads(self, layer: int, gr: torch.Tensor, m: torch.Tensor,
+                        xh: torch.Tensor) -> torch.Tensor:
+        blk = self.model.blocks[layer]
+        return _heads_from(blk.norm1, blk.attn.qkv.weight, gr, m, xh)
+
+    def mlp_read_grad(self, rec: Record, grads: Sequence[torch.Tensor], layer: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+        """Block `layer`'s norm2-output gradient pulled back through norm2."""
         x_mid = rec.x_mid[layer].detach().to(dtype)
-        mlp = _ln_vjp(blk.norm2, x_mid, grads[L + layer].to(dtype))
-        return heads, mlp
+        return _ln_vjp(self.model.blocks[layer].norm2, x_mid, grads[self.n_blocks + layer].to(dtype))
 
     def _attention(self, layer: int, q: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor) -> torch.Tensor:
