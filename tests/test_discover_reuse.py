@@ -62,9 +62,9 @@ def runs(tmp_path_factory) -> dict[str, dict[str, object]]:
     tmp = tmp_path_factory.mktemp("reuse")
     manifest = write_checkpoints(tmp, 1)
     loads: list[int] = []
-    real_load = datasets.DomainFolderDataset._load  # every decode, shifted domains' too
+    real_load = datasets.DomainFolderDataset._source  # every decode, shifted domains' too
     mp = pytest.MonkeyPatch()
-    mp.setattr(datasets.DomainFolderDataset, "_load",
+    mp.setattr(datasets.DomainFolderDataset, "_source",
                lambda self, i: (loads.append(1), real_load(self, i))[1])
     try:
         new = _run(_config(tmp, manifest, "new"))
