@@ -344,8 +344,13 @@ def _stop_if_unwritable(refs: list[Any], result: Mapping[str, Any], layout: JobL
 
     if result["status"] != "failed" or result.get("error_type") != "OutputError":
         return
-    for ref in refs:  # finished tasks ignore this; running ones are interrupted
+    # cancel only what has not finished: in Ray 2.60 cancelling a task whose reply is in
+    # flight or in hand can trip a check in the driver's task manager that aborts the whole
+    # process ("Tried to complete task that was not pending", exit 1, seen in the suite)
+    _, running = ray.wait(refs, num_returns=len(refs), timeout=0)
+    for ref in running:  # running ones are interrupted, queued ones never start
         ray.cancel(ref)
+    ray.wait(running, num_returns=len(running), timeout=60)  # every answer in before we go
     first = str(result["error"]).splitlines()[0]
     raise OutputError(layout.root, f"checkpoint '{result['checkpoint']}' could not write its "
                                    f"tables ({first}); the job stopped there: fix that and "
