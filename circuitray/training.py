@@ -40,7 +40,10 @@ from circuitray.data.datasets import DomainFolderDataset, eval_transform, load_a
 from circuitray.data.demo import DIGIT_TASKS, PRETRAIN_TASK, task_splits
 from circuitray.errors import ConfigError
 from circuitray.models import build_model
-from circuitray.runtime.files import checksum_file  # a leaf module: hashlib + pyarrow
+from circuitray.runtime.files import (  # a leaf module: hashlib + pyarrow
+    checksum_file,
+    write_text_atomic,
+)
 from circuitray.torch_utils import eval_mode
 
 Augment = Literal["none", "shift"]
@@ -300,18 +303,14 @@ def trainable(model: torch.nn.Module, regime: str) -> list[torch.nn.Parameter]:
     head. full and scratch: everything. (timm ViT names: blocks, norm, fc_norm, head.)
     """
     n_blocks = len(model.blocks)
+    check_regime(regime, n_blocks)
     m = _LAST_K.match(regime)
-    if regime in ("full", "scratch"):
-        prefixes: tuple[str, ...] | None = None
-    elif regime == "linear":
+    prefixes: tuple[str, ...] | None = None  # full, scratch: everything
+    if regime == "linear":
         prefixes = ("head.",)
     elif m:
-        first = n_blocks - int(m.group(1))
         prefixes = ("head.", "norm.", "fc_norm.",
-                    *(f"blocks.{i}." for i in range(first, n_blocks)))
-    else:
-        check_regime(regime, n_blocks)  # raises
-        raise AssertionError(regime)
+                    *(f"blocks.{i}." for i in range(n_blocks - int(m.group(1)), n_blocks)))
     params = []
     for name, param in model.named_parameters():
         param.requires_grad_(prefixes is None or name.startswith(prefixes))
@@ -335,7 +334,7 @@ def _load_backbone(model: torch.nn.Module, path: Path) -> None:
 
 def _subset(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded `fraction` of the training set (at least one batch's worth of classes)."""
+    """A seeded `fraction` of the training set (at least one image), in its original order."""
     if fraction >= 1.0:
         return x, y
     keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
@@ -391,13 +390,6 @@ def _domain_tensors(task_dir: Path, domains: list[str], transform: Any, classes:
     return out
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def _train(spec: dict[str, Any], task_dir: Path, out_dir: Path) -> dict[str, Any]:
     torch.set_num_threads(int(spec.get("threads", 1)))
     start = time.monotonic()
@@ -444,7 +436,7 @@ def _train(spec: dict[str, Any], task_dir: Path, out_dir: Path) -> dict[str, Any
     _fit(model, params, x_tr, y_tr, spec, gen, save_checkpoint)
     record = {"checkpoint_id": cid, "spec": spec, "rows": rows, "error": None,
               "init_digest": init_digest}
-    _write_json_atomic(out_dir / "records" / f"{cid}.json", record)
+    write_text_atomic(out_dir / "records" / f"{cid}.json", json.dumps(record, indent=1))
     return record
 
 
@@ -489,7 +481,7 @@ def pretrain_backbone(spec: dict[str, Any], task_dir: str | os.PathLike,
            "train_seconds": time.monotonic() - start}
     record = {"checkpoint_id": cid, "spec": spec, "curve": curve, "row": row,
               "digest": checksum_file(out_dir / weights)}
-    _write_json_atomic(out_dir / "backbone" / f"{cid}.json", record)
+    write_text_atomic(out_dir / "backbone" / f"{cid}.json", json.dumps(record, indent=1))
     return record
 
 
