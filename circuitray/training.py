@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from circuitray.data.classes import folder_class_map
 from circuitray.data.datasets import DomainFolderDataset, eval_transform, load_all
-from circuitray.data.demo import DIGIT_TASKS, PRETRAIN_TASK, task_splits
+from circuitray.data.demo import DIGIT_TASKS, PRETRAIN_TASK, PRETRAIN_VERSION, task_splits
 from circuitray.errors import ConfigError
 from circuitray.models import build_model
 from circuitray.runtime.files import (  # a leaf module: hashlib + pyarrow
@@ -139,7 +139,8 @@ def backbone_spec(config: ZooConfig, depth: int) -> dict[str, Any]:
     spec = {"task": PRETRAIN_TASK, "arch": config.arch,
             "arch_kwargs": {**config.arch_kwargs, "depth": depth}, "epochs": p.epochs,
             "lr": p.lr, "weight_decay": p.weight_decay, "batch_size": p.batch_size,
-            "n_per_shape": p.n_per_shape, "seed": p.seed, "data_seed": config.data_seed,
+            "n_per_shape": p.n_per_shape, "corpus_version": PRETRAIN_VERSION, "seed": p.seed,
+            "data_seed": config.data_seed,
             "warmup_epochs": config.warmup_epochs, "threads": p.threads,
             "eval_batch_size": config.eval_batch_size}
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]

@@ -119,6 +119,16 @@ def test_a_changed_backbone_file_retrains_backbone_and_fine_tunes(mini_zoo, tmp_
     assert "pretraining backbone-d3-" in out and "0 reused, 3 to train" in out
 
 
+def test_backbone_spec_changes_with_the_corpus_rendering(monkeypatch) -> None:
+    """A backbone trained on an earlier rendering of pretrain-mix must not be reused."""
+    import circuitray.training as training
+
+    config = load_config(ZooConfig, DEMO)
+    before = training.backbone_spec(config, 8)["checkpoint_id"]
+    monkeypatch.setattr(training, "PRETRAIN_VERSION", demo.PRETRAIN_VERSION + 1)
+    assert training.backbone_spec(config, 8)["checkpoint_id"] != before
+
+
 def test_pretraining_corpus_holds_no_held_out_digit_and_no_striped_shape(monkeypatch,
                                                                          tmp_path) -> None:
     seen_digits, styles = [], []

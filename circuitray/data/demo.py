@@ -48,6 +48,9 @@ from PIL import Image
 from circuitray.errors import ConfigError, DataError
 
 PRETRAIN_TASK = "pretrain-mix"
+# how pretrain-mix is rendered: part of the backbone's spec, so a backbone trained on an
+# earlier rendering is never reused as if it were trained on this one
+PRETRAIN_VERSION = 2
 TASKS = ("digits-background", "digits-patch", "shapes-style", PRETRAIN_TASK)
 DIGIT_TASKS = ("digits-background", "digits-patch")
 DEFAULT_RHOS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -345,7 +348,7 @@ def build_demo_task(name: str, root: str | os.PathLike, *, seed: int = 0,
         plan = _digits_plan(name, seed, rhos, ood_cues)
         classes = [str(k) for k in range(10)]
     elif name == PRETRAIN_TASK:
-        params = {"seed": seed, "n_per_shape": n_per_shape, "version": 2}
+        params = {"seed": seed, "n_per_shape": n_per_shape, "version": PRETRAIN_VERSION}
         plan = _pretrain_plan(seed, n_per_shape)
         classes = [f"digit{k}" for k in range(N_DIGIT_CLASSES)] + list(SHAPES)
     else:
