@@ -33,12 +33,14 @@ def _config(tmp: Path, manifest: Path, out: str) -> JobConfig:
                                   "data.proxy_kinds=[]", "attribution.steps=2"])
 
 
-def _old_loaders(spec, root, transform, cfg, classes):
-    """The loaders before: three reads of every attributed image, reshuffled between passes."""
+def _old_loaders(spec, sources, cfg):
+    """The loaders before: three reads of every attributed image, reshuffled between passes,
+    each domain decoding its source afresh."""
     from circuitray.data.shifts import ShiftedDataset
 
     d = cfg.data
-    data = datasets.DomainFolderDataset(root, spec.source, transform=transform, classes=classes)
+    data = datasets.DomainFolderDataset(sources.root, spec.source, transform=sources.transform,
+                                        classes=sources.classes)
     if spec.kind is not None:
         data = ShiftedDataset(data, spec.kind, spec.severity, seed=d.seed, name=spec.name)
     n_att = min(d.attribution_limit, d.limit)
@@ -85,8 +87,9 @@ def test_a_discover_task_reuses_every_plain_run_of_the_mean_pass(runs) -> None:
     assert (old["plain_runs_reused"] == 0).all()  # a reshuffling loader never hits
 
 
-def test_each_image_is_decoded_and_corrupted_once_per_domain(runs) -> None:
-    assert runs["new"]["decodes"] == 3 * 12  # 3 domains x data.limit
+def test_each_image_is_decoded_once_per_task_and_corrupted_once_per_domain(runs) -> None:
+    # 2 sources (id, ood) x data.limit: the shifted domain corrupts the id domain's images
+    assert runs["new"]["decodes"] == 2 * 12
     assert runs["old"]["decodes"] == 3 * (12 + 8 + 8)  # outputs, mean pass, scoring pass
 
 
@@ -169,3 +172,38 @@ def test_summing_gradients_over_ig_points_changes_no_score(monkeypatch, rows, fa
     got = attribute(model, batches, **kw)
     np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(got.example_norms, ref.example_norms, rtol=1e-10)
+
+
+class _CountedUnits(datasets._ImageDataset):
+    """Item i: a 1x2x2 image of value i/10, label i; counts how often it is decoded."""
+
+    transform = datasets.ImageTransform(size=(2, 2), mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))
+    classes = ["a"]
+
+    def __init__(self, n: int):
+        self.n, self.decodes = n, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def unit(self, index: int):
+        self.decodes += 1
+        return torch.full((3, 2, 2), index / 10), index, "d"
+
+
+def test_remembered_units_decode_once_within_their_byte_budget() -> None:
+    base = _CountedUnits(6)
+    ds = datasets.RememberedUnits(base, max_bytes=2 * 3 * 2 * 2 * 4)  # two images fit
+    for _ in range(3):
+        got = [ds.unit(i) for i in range(6)]
+        assert [label for _, label, _ in got] == list(range(6))
+        assert all(torch.equal(image, torch.full((3, 2, 2), i / 10))
+                   for i, (image, _, _) in enumerate(got))
+    assert sorted(ds.kept) == [0, 1] and base.decodes == 6 + 2 * 4  # the first two are kept
+
+
+def test_a_batch_normalizes_as_one_tensor_what_items_normalize_one_by_one() -> None:
+    ds = _CountedUnits(5)
+    batch = ds.__getitems__([4, 0, 2])
+    for (image, label, domain), i in zip(batch, [4, 0, 2], strict=True):
+        assert torch.equal(image, ds[i][0]) and (label, domain) == (i, "d")

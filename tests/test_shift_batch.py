@@ -96,7 +96,8 @@ def test_discover_loaders_give_each_image_its_own_corruption(data_root, kind, mo
     real = shifts.corrupt
     monkeypatch.setattr(shifts, "corrupt", lambda x, *a, **k: (calls.append(len(x)),
                                                                real(x, *a, **k))[1])
-    out, att, data = discover._loaders(spec, str(data_root), TRANSFORM, cfg, ["0", "1"])
+    sources = discover._Sources(str(data_root), TRANSFORM, ["0", "1"], ["id"])
+    out, att, data = discover._loaders(spec, sources, cfg)
     assert isinstance(data, RememberedItems) and isinstance(data.base, ShiftedDataset)
     got = [list(out), list(att), list(att)]
     assert calls == [4, 4, 2]  # the outputs' batches only: the attribution subset is kept

@@ -166,6 +166,48 @@ class _ImageDataset(Dataset):
         tensor, label, domain = self.unit(index)
         return self.normalize(tensor), label, domain
 
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int, str]]:
+        """A DataLoader's batch, normalized as one tensor (items are views of it); without a
+        transform the images may differ in size, so they are normalized one by one."""
+        if self.transform is None:
+            return [self[i] for i in indices]
+        items = [self.unit(i) for i in indices]
+        images = self.normalize(torch.stack([item[0] for item in items]))
+        return [(images[k], item[1], item[2]) for k, item in enumerate(items)]
+
+
+class RememberedUnits(_ImageDataset):
+    """`base` whose decoded [0, 1] images are kept once read, up to `max_bytes`.
+
+    One discover task reads a source several times: the ID split for the ID domain, then for
+    each of its corruptions and the alarm's proxies, which corrupt the same decoded images.
+    Decoding is pure, so later readers take the first read's tensor (never modified in
+    place: batches stack and normalization makes new tensors). Images beyond the budget are
+    simply decoded again.
+    """
+
+    def __init__(self, base: _ImageDataset, max_bytes: int):
+        self.base, self.max_bytes = base, max_bytes
+        self.transform, self.classes = base.transform, base.classes
+        self.kept: dict[int, tuple[torch.Tensor, int, str]] = {}
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def _source(self, index: int) -> tuple[bytes | Path, int, str, str]:
+        return self.base._source(index)
+
+    def unit(self, index: int) -> tuple[torch.Tensor, int, str]:
+        item = self.kept.get(index)
+        if item is None:
+            item = self.base.unit(index)
+            size = item[0].numel() * item[0].element_size()
+            if self.nbytes + size <= self.max_bytes:
+                self.kept[index] = item
+                self.nbytes += size
+        return item
+
 
 def list_domains(root: str | os.PathLike) -> list[str]:
     """Domain folder names under `root` (hidden folders skipped), sorted."""

@@ -90,10 +90,43 @@ def _device(cfg: JobConfig) -> str:
 # Decoded images a domain keeps for its second and third reads (attribution after outputs):
 # the attribution subset, 64 images by default (38 MiB at 224 px).
 REMEMBER_BYTES = 512 * 2**20
+# Decoded [0, 1] images a task keeps of a source that several of its domains read (the ID
+# split: the ID domain, its corruptions, the alarm's proxies): data.limit images, 256 by
+# default (154 MiB at 224 px); a larger limit decodes the overflow again.
+SOURCE_BYTES = 512 * 2**20
 
 
-def _loaders(spec: DomainSpec, root: str, transform: Any, cfg: JobConfig,
-             classes: Any) -> tuple[Any, Any, Any]:
+class _Sources:
+    """The base datasets of one task's domains, opened once per source folder; a source that
+    more than one pending domain reads keeps its decoded images (`RememberedUnits`) until
+    the last of them is done."""
+
+    def __init__(self, root: str, transform: Any, classes: Any, readers: Iterable[str]):
+        self.root, self.transform, self.classes = root, transform, classes
+        self.pending: dict[str, int] = {}
+        for source in readers:
+            self.pending[source] = self.pending.get(source, 0) + 1
+        self.open: dict[str, Any] = {}
+
+    def get(self, source: str) -> Any:
+        from circuitray.data.datasets import RememberedUnits, open_domain
+
+        if source not in self.open:
+            base = open_domain(self.root, source, transform=self.transform,
+                               classes=self.classes)
+            if self.pending.get(source, 0) > 1:
+                base = RememberedUnits(base, SOURCE_BYTES)
+            self.open[source] = base
+        return self.open[source]
+
+    def done(self, source: str) -> None:
+        """One reader of `source` finished: the last one frees its images."""
+        self.pending[source] = self.pending.get(source, 1) - 1
+        if self.pending[source] <= 0:
+            self.open.pop(source, None)
+
+
+def _loaders(spec: DomainSpec, sources: _Sources, cfg: JobConfig) -> tuple[Any, Any, Any]:
     """(outputs loader, attribution loader, their shared dataset) over one domain.
 
     Both read one `RememberedItems` dataset that keeps the attribution subset once decoded
@@ -101,17 +134,13 @@ def _loaders(spec: DomainSpec, root: str, transform: Any, cfg: JobConfig,
     subset twice (mean pass, scoring) from memory. The attribution loader yields the same
     batches on both passes, so the mean pass's plain runs are reused by the scoring pass.
     The subsets are the seeded ones of `make_loader` (attribution's is a prefix of the
-    outputs' permutation); the outputs order is unchanged.
+    outputs' permutation); the outputs order is unchanged. A shifted domain corrupts the
+    images its source already decoded for an earlier domain of the task (`_Sources`).
     """
-    from circuitray.data.datasets import (
-        RememberedItems,
-        make_loader,
-        open_domain,
-        subset_indices,
-    )
+    from circuitray.data.datasets import RememberedItems, make_loader, subset_indices
 
     d = cfg.data
-    base = open_domain(root, spec.source, transform=transform, classes=classes)
+    base = sources.get(spec.source)
     data = base
     if spec.kind is not None:
         from circuitray.data.shifts import ShiftedDataset
@@ -160,8 +189,8 @@ def _resumable(paths: Iterable[AnyPath], fp: str) -> bool:
         return False
 
 
-def _run_domain(model: Any, dom: DomainPlan, row: Mapping[str, Any], root: str, transform: Any,
-                cfg: JobConfig, layout: JobLayout, device: str, classes: Any) -> dict[str, Any]:
+def _run_domain(model: Any, dom: DomainPlan, row: Mapping[str, Any], sources: _Sources,
+                cfg: JobConfig, layout: JobLayout, device: str) -> dict[str, Any]:
     """Write one domain's edges and outputs (atomically, stamped with its fingerprint) and
     return its marker row."""
     from circuitray.attribution import attribute
@@ -179,7 +208,7 @@ def _run_domain(model: Any, dom: DomainPlan, row: Mapping[str, Any], root: str, 
     reused = None  # unknown for a domain resumed from a killed attempt
     if not resumed:
         try:
-            out_loader, att_loader, data = _loaders(spec, root, transform, cfg, classes)
+            out_loader, att_loader, data = _loaders(spec, sources, cfg)
         except Exception as exc:
             raise _StageError("data", exc) from exc
         try:
@@ -294,6 +323,8 @@ def discover_checkpoint(row: Mapping[str, Any], cfg: JobConfig,
         except Exception as exc:
             raise _StageError("data", exc) from exc
         rows, computed = [], 0
+        sources = _Sources(root, transform, classes,
+                           [d.spec.source for d in plan.domains if not d.complete])
         for dom in plan.domains:
             if dom.complete and dom.record is not None:
                 rows.append({**dom.record, "resumed": False, "seconds": 0.0})
@@ -302,8 +333,11 @@ def discover_checkpoint(row: Mapping[str, Any], cfg: JobConfig,
                 dom.inputs = domain_inputs(row, dom.spec, cfg, weights=identity["weights_hash"],
                                            listings=plan.listings)
                 dom.fingerprint = fingerprint(dom.inputs)
-            rows.append({**_run_domain(model, dom, row, root, transform, cfg, layout, device,
-                                       classes), **identity, **recorded})
+            try:
+                rows.append({**_run_domain(model, dom, row, sources, cfg, layout, device),
+                             **identity, **recorded})
+            finally:
+                sources.done(dom.spec.source)
             computed += not rows[-1]["resumed"]
             log.debug(f"[discover {cid}] {dom.spec.name}: {rows[-1]['n_examples']} examples, "
                       f"{rows[-1]['seconds']:.1f}s{' (resumed)' if rows[-1]['resumed'] else ''}")
