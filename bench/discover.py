@@ -8,13 +8,17 @@ code) on a fresh output folder, with the functions it calls wrapped in timers. E
 time is exclusive (decoding inside the outputs loop counts as decode, not as outputs):
 
     load            load_checkpoint
-    decode+corrupt  the datasets' __getitem__ and the shifted domains' batched __getitems__
-                    (PNG decode, resize, corruption, normalize)
+    decode+corrupt  the datasets' __getitem__ and batched __getitems__ (PNG decode, resize,
+                    corruption, normalize)
     outputs fwd     model_outputs (the outputs table's forward)
     mean pass       _mean_ablation (the mean-ablation forwards, plain runs kept for reuse)
     IG steps        score_batch (EAP-IG's forward+backward passes and contractions)
     writes          write_parquet_atomic (edges, outputs, the marker)
-    other           the rest: planning, class map, preprocessing, loaders, tables
+    other           the rest: class map, preprocessing, loaders, tables
+
+The task gets its plan from the driver, as in a job (`run_discover` plans every checkpoint
+first, validating each image listing once for the whole job); planning one checkpoint is
+timed apart (`plan_s`, the "plan" column) and is not part of the task's wall time.
 
 Then the same model runs `model_outputs` and `attribute` ALONE on the very batches the task
 fed them (recorded, already decoded, in a list), and
@@ -161,10 +165,11 @@ class Probe:
                     t.wrap("writes", discover.write_parquet_atomic))
         for cls in (datasets._ImageDataset, shifts.ShiftedDataset):
             self._patch(cls, "__getitem__", t.wrap("decode+corrupt", cls.__dict__["__getitem__"]))
-        # a shifted domain is decoded and corrupted a batch at a time (timers are exclusive,
-        # so the per-item and per-batch wraps never count the same seconds twice)
-        self._patch(shifts.ShiftedDataset, "__getitems__",
-                    t.wrap("decode+corrupt", shifts.ShiftedDataset.__dict__["__getitems__"]))
+        # loaders read a batch at a time (timers are exclusive, so the per-item and
+        # per-batch wraps never count the same seconds twice)
+        for cls in (datasets._ImageDataset, shifts.ShiftedDataset):
+            self._patch(cls, "__getitems__",
+                        t.wrap("decode+corrupt", cls.__dict__["__getitems__"]))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -209,7 +214,7 @@ def run_task(shape: str, root: Path) -> dict[str, Any]:
     from circuitray.job_config import load_job_config
     from circuitray.runtime.discover import discover_checkpoint
     from circuitray.runtime.layout import JobLayout
-    from circuitray.runtime.plan import manifest_rows
+    from circuitray.runtime.plan import manifest_rows, plan_checkpoint
 
     manifest = root / "fixture" / "manifest.csv"
     out = root / "job"
@@ -218,9 +223,14 @@ def run_task(shape: str, root: Path) -> dict[str, Any]:
                                  "attribution.method=eap-ig-inputs", "attribution.steps=5",
                                  "resources.torch_threads=1", *SHAPES[shape]["overrides"]])
     row = manifest_rows(cfg)[0]
+    # the driver plans (run_discover: plan_job) and hands each task its plan; planning
+    # validates the data's images once per listing for the whole job: timed apart
+    planned = time.perf_counter()
+    plan = plan_checkpoint(row, cfg, JobLayout.of(out))
+    plan_s = time.perf_counter() - planned
     with Probe() as probe:
         start = _clocks()
-        result = discover_checkpoint(row, cfg)
+        result = discover_checkpoint(row, cfg, plan)
         wall, cpu = (b - a for a, b in zip(start, _clocks(), strict=True))
     if result["status"] != "done":
         raise RuntimeError(f"benchmark task failed: {result}")
@@ -237,7 +247,8 @@ def run_task(shape: str, root: Path) -> dict[str, Any]:
     alone = _alone(probe)
     reused = (int(marker["plain_runs_reused"].sum()) if "plain_runs_reused" in marker
               else None)
-    return {"wall_s": wall, "cpu_s": cpu, "threads": threads, "split_s": splits[0],
+    return {"wall_s": wall, "cpu_s": cpu, "plan_s": plan_s, "threads": threads,
+            "split_s": splits[0],
             "split_cpu_s": splits[1], **alone,
             "efficiency": (alone["outputs_alone_s"] + alone["eap_ig_alone_s"]) / wall,
             "cpu_efficiency": (alone["outputs_alone_cpu_s"] + alone["eap_ig_alone_cpu_s"]) / cpu,
@@ -259,7 +270,7 @@ def bench(shape: str, repeats: int) -> dict[str, Any]:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     med = {k: statistics.median(r[k] for r in runs)
-           for k in ("wall_s", "cpu_s", "outputs_alone_s", "eap_ig_alone_s", "efficiency",
+           for k in ("wall_s", "cpu_s", "plan_s", "outputs_alone_s", "eap_ig_alone_s", "efficiency",
                      "outputs_alone_cpu_s", "eap_ig_alone_cpu_s", "cpu_efficiency")}
     split = {s: statistics.median(r["split_s"][s] for r in runs) for s in STAGES}
     split_cpu = {s: statistics.median(r["split_cpu_s"][s] for r in runs) for s in STAGES}
@@ -299,7 +310,7 @@ def main() -> None:
           "the cpu rows are this process's CPU time (robust to other load)")
     print(f"{'shape':10} {'thr':>3} {'dom':>3} {'task':>7} "
           + " ".join(f"{s:>14}" for s in STAGES)
-          + f" {'out alone':>9} {'IG alone':>8} {'effic.':>6} {'reused':>6}")
+          + f" {'out alone':>9} {'IG alone':>8} {'effic.':>6} {'reused':>6} {'plan':>6}")
     for shape, r in results["shapes"].items():
         for clock, sfx, split in (("wall", "s", "split_s"), ("cpu", "cpu_s", "split_cpu_s")):
             print(f"{shape + ' ' + clock:10} {r['threads']:>3} {r['domains']:>3} "
@@ -307,7 +318,7 @@ def main() -> None:
                   + " ".join(f"{r[split][s]:>14.2f}" for s in STAGES)
                   + f" {r['outputs_alone_' + sfx]:>9.2f} {r['eap_ig_alone_' + sfx]:>8.2f}"
                   f" {r['efficiency' if clock == 'wall' else 'cpu_efficiency']:>6.3f}"
-                  f" {r['plain_runs_reused']!s:>6}")
+                  f" {r['plain_runs_reused']!s:>6} {r['plan_s']:>6.2f}")
     print(f"wrote {path}")
 
 
