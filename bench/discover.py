@@ -168,8 +168,9 @@ class Probe:
         # loaders read a batch at a time (timers are exclusive, so the per-item and
         # per-batch wraps never count the same seconds twice)
         for cls in (datasets._ImageDataset, shifts.ShiftedDataset):
-            self._patch(cls, "__getitems__",
-                        t.wrap("decode+corrupt", cls.__dict__["__getitems__"]))
+            if "__getitems__" in cls.__dict__:  # (an older tree decodes base items singly)
+                self._patch(cls, "__getitems__",
+                            t.wrap("decode+corrupt", cls.__dict__["__getitems__"]))
         return self
 
     def __exit__(self, *exc: object) -> None:

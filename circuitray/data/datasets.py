@@ -148,7 +148,8 @@ class _ImageDataset(Dataset):
         data, label, domain, where = self._source(index)
         if not isinstance(data, (bytes, bytearray)):  # read once, for both decoders
             try:
-                data = Path(data).read_bytes()
+                with open(data, "rb") as fh:  # (a Path(path) would parse the path again)
+                    data = fh.read()
             except OSError as exc:
                 raise DataError(where, f"unreadable image: {exc}") from exc
         fast = _fast_unit(data, self.transform.size if self.transform else None)
