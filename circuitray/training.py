@@ -37,7 +37,13 @@ import torch.nn.functional as F
 
 from circuitray.data.classes import folder_class_map
 from circuitray.data.datasets import DomainFolderDataset, eval_transform, load_all
-from circuitray.data.demo import DIGIT_TASKS, PRETRAIN_TASK, PRETRAIN_VERSION, task_splits
+from circuitray.data.demo import (
+    DIGIT_TASKS,
+    PRETRAIN_TASK,
+    PRETRAIN_VERSION,
+    task_splits,
+    task_version,
+)
 from circuitray.errors import ConfigError
 from circuitray.models import build_model
 from circuitray.runtime.files import (  # a leaf module: hashlib + pyarrow
@@ -188,7 +194,8 @@ def expand_grid(config: ZooConfig) -> list[dict[str, Any]]:
                 "arch_kwargs": {**config.arch_kwargs, "depth": depth},
                 "batch_size": config.batch_size, "warmup_epochs": config.warmup_epochs,
                 "intermediate": config.intermediate, "data_seed": config.data_seed,
-                "ood_cues": config.ood_cues, "threads": config.threads_per_task,
+                "ood_cues": config.ood_cues, "corpus_version": task_version(task),
+                "threads": config.threads_per_task,
                 "eval_batch_size": config.eval_batch_size,
                 "train_domain": splits["train"], "id_domain": splits["id"],
                 "ood_domain": splits["ood"]}

@@ -129,6 +129,21 @@ def test_backbone_spec_changes_with_the_corpus_rendering(monkeypatch) -> None:
     assert training.backbone_spec(config, 8)["checkpoint_id"] != before
 
 
+def test_a_fine_tune_of_an_earlier_task_rendering_is_not_reused(mini_zoo, monkeypatch) -> None:
+    """Fine-tunes (and scratch models) record their task's rendering version: a model trained
+    on images drawn by an earlier renderer must be retrained, not reused."""
+    from circuitray.training import read_record
+
+    config, zoo, _ = mini_zoo
+    spec = expand_grid(config)[0]
+    assert spec["corpus_version"] == demo.task_version("shapes-style")
+    assert read_record(zoo, spec) is not None
+    monkeypatch.setattr(demo, "SHAPES_VERSION", demo.SHAPES_VERSION + 1)
+    again = {s["checkpoint_id"]: s for s in expand_grid(config)}[spec["checkpoint_id"]]
+    assert read_record(zoo, again) is None
+    assert {demo.task_version(t) for t in demo.DIGIT_TASKS} == {demo.DIGITS_VERSION}
+
+
 def test_pretraining_corpus_holds_no_held_out_digit_and_no_striped_shape(monkeypatch,
                                                                          tmp_path) -> None:
     seen_digits, styles = [], []

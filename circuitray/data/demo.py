@@ -48,9 +48,12 @@ from PIL import Image
 from circuitray.errors import ConfigError, DataError
 
 PRETRAIN_TASK = "pretrain-mix"
-# how pretrain-mix is rendered: part of the backbone's spec, so a backbone trained on an
-# earlier rendering is never reused as if it were trained on this one
+# how each task is rendered: part of every training spec (backbone and fine-tunes), so a
+# checkpoint trained on an earlier rendering is never reused as if trained on this one;
+# bump the number with any change to what a task's images look like
 PRETRAIN_VERSION = 2
+DIGITS_VERSION = 3
+SHAPES_VERSION = 1
 TASKS = ("digits-background", "digits-patch", "shapes-style", PRETRAIN_TASK)
 DIGIT_TASKS = ("digits-background", "digits-patch")
 DEFAULT_RHOS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -327,6 +330,15 @@ def _pretrain_plan(seed: int, n_per_shape: int
     return {"train": make_split("train"), "val": make_split("val")}
 
 
+def task_version(name: str) -> int:
+    """The rendering version of demo task `name` (what its training specs record)."""
+    if name not in TASKS:
+        raise ConfigError(f"unknown demo task '{name}'; known: {list(TASKS)}")
+    if name in DIGIT_TASKS:
+        return DIGITS_VERSION
+    return PRETRAIN_VERSION if name == PRETRAIN_TASK else SHAPES_VERSION
+
+
 def build_demo_task(name: str, root: str | os.PathLike, *, seed: int = 0,
                     rhos: Sequence[float] = DEFAULT_RHOS, ood_cues: int = 3,
                     n_per_style: int = 600, n_per_shape: int = 400) -> Path:
@@ -344,7 +356,7 @@ def build_demo_task(name: str, root: str | os.PathLike, *, seed: int = 0,
     task_dir = Path(root) / name
     task_dir.mkdir(parents=True, exist_ok=True)
     if name in DIGIT_TASKS:
-        params = {"seed": seed, "ood_cues": ood_cues, "version": 3}
+        params = {"seed": seed, "ood_cues": ood_cues, "version": DIGITS_VERSION}
         plan = _digits_plan(name, seed, rhos, ood_cues)
         classes = [str(k) for k in range(10)]
     elif name == PRETRAIN_TASK:
@@ -352,7 +364,7 @@ def build_demo_task(name: str, root: str | os.PathLike, *, seed: int = 0,
         plan = _pretrain_plan(seed, n_per_shape)
         classes = [f"digit{k}" for k in range(N_DIGIT_CLASSES)] + list(SHAPES)
     else:
-        params = {"seed": seed, "n_per_style": n_per_style, "version": 1}
+        params = {"seed": seed, "n_per_style": n_per_style, "version": SHAPES_VERSION}
         plan = _shapes_plan(seed, n_per_style)
         classes = list(SHAPES)
     meta = _read_meta(task_dir)
