@@ -279,7 +279,9 @@ def bench(shape: str, repeats: int) -> dict[str, Any]:
             "domains": runs[0]["domains"], "examples": runs[0]["examples"],
             "attributed": runs[0]["attributed"],
             "plain_runs_reused": runs[0]["plain_runs_reused"], **med, "split_s": split,
-            "split_cpu_s": split_cpu, "runs": runs}
+            "split_cpu_s": split_cpu, "efficiency_range": [min(r["efficiency"] for r in runs),
+                                                           max(r["efficiency"] for r in runs)],
+            "runs": runs}
 
 
 def main() -> None:
@@ -320,6 +322,10 @@ def main() -> None:
                   + f" {r['outputs_alone_' + sfx]:>9.2f} {r['eap_ig_alone_' + sfx]:>8.2f}"
                   f" {r['efficiency' if clock == 'wall' else 'cpu_efficiency']:>6.3f}"
                   f" {r['plain_runs_reused']!s:>6} {r['plan_s']:>6.2f}")
+    for shape, r in results["shapes"].items():
+        lo, hi = r["efficiency_range"]
+        print(f"{shape}: efficiency over {r['repeats']} repeats {lo:.3f}-{hi:.3f}, median "
+              f"{r['efficiency']:.3f}")
     print(f"wrote {path}")
 
 
