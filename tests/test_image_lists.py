@@ -253,3 +253,39 @@ def test_an_edit_keeping_size_and_mtime_is_still_read(tmp_path: Path) -> None:
     path.write_text("path,label,domain\na.png,1,d\n")
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert read_image_list(path).rows[0].label == 1
+
+
+def test_each_checkpoint_can_read_its_own_list_from_the_manifest(job: dict) -> None:
+    """The manifest's data_root column may name an image list per row (one list per task or
+    per checkpoint), relative to the manifest like every path in it."""
+    manifest = pd.read_csv(job["manifest"])
+    write_checkpoints(job["tmp"] / "second", 2)  # ckpt1's weights
+    renamed = [{**r, "domain": {"id": "photos", "ood": "sketches"}[r["domain"]],
+                "path": f"../data/{r['path']}"} for r in job["rows"]]
+    (job["tmp"] / "lists").mkdir()
+    _write_list(job["rows"], job["data"] / "images.csv")
+    _write_list(renamed, job["tmp"] / "lists" / "other.parquet", string_labels=True)
+    second = pd.read_csv(job["tmp"] / "second" / "manifest.csv").iloc[[1]]
+    second = second.assign(weights=f"second/{second.weights.iloc[0]}", task="other",
+                           data_root="lists/other.parquet", id_domain="photos",
+                           ood_domain="sketches")
+    manifest = pd.concat([manifest.assign(data_root="data/images.csv"), second])
+    manifest.to_csv(job["manifest"], index=False)
+    cfg = _cfg(job, "per-row")
+    rows = manifest_rows(cfg)
+    results = [discover_checkpoint(row, cfg) for row in rows]
+    assert [r["status"] for r in results] == ["done", "done"], results
+    layout = JobLayout.of(cfg.output_dir)
+    domains = {cid: sorted(pq.read_table(layout.marker(cid)).column("domain").to_pylist())
+               for cid in ("ckpt0", "ckpt1")}
+    assert domains["ckpt0"] == sorted(["id", "ood", "shift:gaussian_noise:3",
+                                       "proxy:brightness:2"])
+    assert domains["ckpt1"] == sorted(["photos", "sketches", "shift:gaussian_noise:3",
+                                       "proxy:brightness:2"])
+    folders = _cfg(job, "folders")
+    folder_row = {**rows[0], "data_root": str(job["data"])}
+    assert discover_checkpoint(folder_row, folders)["status"] == "done"
+    want = pq.read_table(JobLayout.of(folders.output_dir).outputs_file(
+        "toy", "ckpt0", "ood")).to_pandas()
+    got = pq.read_table(layout.outputs_file("toy", "ckpt0", "ood")).to_pandas()
+    pd.testing.assert_frame_equal(got, want)
