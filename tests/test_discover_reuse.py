@@ -207,3 +207,20 @@ def test_a_batch_normalizes_as_one_tensor_what_items_normalize_one_by_one() -> N
     batch = ds.__getitems__([4, 0, 2])
     for (image, label, domain), i in zip(batch, [4, 0, 2], strict=True):
         assert torch.equal(image, ds[i][0]) and (label, domain) == (i, "d")
+
+
+def test_a_task_keeps_a_sources_images_only_while_several_domains_still_read_it(tmp_path
+                                                                                ) -> None:
+    manifest = write_checkpoints(tmp_path, 1)
+    root = str(manifest.parent / "data")
+    sources = discover._Sources(root, None, ["0", "1"], ["id", "id", "ood"])
+    shared, single = sources.get("id"), sources.get("ood")
+    assert isinstance(shared, datasets.RememberedUnits) and sources.get("id") is shared
+    assert isinstance(single, datasets.DomainFolderDataset)  # one reader: nothing to keep
+    shared.unit(0)
+    assert len(shared.kept) == 1
+    sources.done("id")
+    assert sources.get("id") is shared  # one reader left
+    sources.done("id")
+    sources.done("ood")
+    assert sources.open == {}  # the last readers are done: their images are freed

@@ -14,6 +14,7 @@ never stops the job. Ray's `max_retries` covers what cannot be caught: a dead wo
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -323,10 +324,11 @@ def discover_checkpoint(row: Mapping[str, Any], cfg: JobConfig,
         except Exception as exc:
             raise _StageError("data", exc) from exc
         rows, computed = [], 0
+        todo = [not (d.complete and d.record is not None) for d in plan.domains]
         sources = _Sources(root, transform, classes,
-                           [d.spec.source for d in plan.domains if not d.complete])
-        for dom in plan.domains:
-            if dom.complete and dom.record is not None:
+                           [d.spec.source for d in itertools.compress(plan.domains, todo)])
+        for dom, run in zip(plan.domains, todo, strict=True):
+            if not run:
                 rows.append({**dom.record, "resumed": False, "seconds": 0.0})
                 continue
             if dom.fingerprint is None or plan.weights_hash != identity["weights_hash"]:
