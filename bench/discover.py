@@ -249,8 +249,7 @@ def run_task(shape: str, root: Path) -> dict[str, Any]:
     reused = (int(marker["plain_runs_reused"].sum()) if "plain_runs_reused" in marker
               else None)
     return {"wall_s": wall, "cpu_s": cpu, "plan_s": plan_s, "threads": threads,
-            "split_s": splits[0],
-            "split_cpu_s": splits[1], **alone,
+            "split_s": splits[0], "split_cpu_s": splits[1], **alone,
             "efficiency": (alone["outputs_alone_s"] + alone["eap_ig_alone_s"]) / wall,
             "cpu_efficiency": (alone["outputs_alone_cpu_s"] + alone["eap_ig_alone_cpu_s"]) / cpu,
             "domains": len(marker), "examples": int(marker["n_examples"].sum()),
@@ -271,8 +270,8 @@ def bench(shape: str, repeats: int) -> dict[str, Any]:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     med = {k: statistics.median(r[k] for r in runs)
-           for k in ("wall_s", "cpu_s", "plan_s", "outputs_alone_s", "eap_ig_alone_s", "efficiency",
-                     "outputs_alone_cpu_s", "eap_ig_alone_cpu_s", "cpu_efficiency")}
+           for k in ("wall_s", "cpu_s", "plan_s", "outputs_alone_s", "eap_ig_alone_s",
+                     "efficiency", "outputs_alone_cpu_s", "eap_ig_alone_cpu_s", "cpu_efficiency")}
     split = {s: statistics.median(r["split_s"][s] for r in runs) for s in STAGES}
     split_cpu = {s: statistics.median(r["split_cpu_s"][s] for r in runs) for s in STAGES}
     return {"config": SHAPES[shape], "repeats": repeats, "threads": runs[0]["threads"],
