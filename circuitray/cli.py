@@ -49,13 +49,15 @@ def resolve_config(name: str | os.PathLike) -> Path:
     (`demo`, `demo.yaml`) or `conf/<file>`, the shipped copy. Other missing paths are errors
     naming what was tried, never silently a shipped file of the same name."""
     path = Path(name)
-    if path.exists():
+    if path.is_file():
         return path  # as given, so messages name what the user typed
+    if path.exists():
+        raise ConfigError(f"{name}: not a config file (a folder?); give a .yaml file")
     parts = path.parts
     if len(parts) == 1 or (len(parts) == 2 and parts[0] == "conf"):
         file = parts[-1] if path.suffix in (".yaml", ".yml") else f"{parts[-1]}.yaml"
-        tried = [Path("conf") / file] if len(parts) == 1 else []
-        tried += [d / file for d in shipped_conf_dirs()]
+        # ./conf/<file> first (also for `conf/demo` without its suffix), then the shipped one
+        tried = [Path("conf") / file] + [d / file for d in shipped_conf_dirs()]
         for candidate in tried:
             if candidate.is_file():
                 return candidate.resolve()
@@ -114,10 +116,11 @@ def _demo(args: argparse.Namespace) -> int:
     zoo_dir = Path(args.zoo_out).resolve()
     start = time.perf_counter()
     zoo_conf = resolve_config(args.zoo_config)
+    job_conf = resolve_config(args.config)  # a mistyped name fails now, not after the zoo
     manifest = _demo_zoo(zoo_conf, zoo_dir, list(args.zoo_overrides or []))
     zoo_s = time.perf_counter() - start
     overrides = [f"manifest={manifest}", *args.overrides]
-    cfg = load_job_config(resolve_config(args.config), overrides)
+    cfg = load_job_config(job_conf, overrides)
     start = time.perf_counter()
     result = run_pipeline(cfg, force_reduce=args.force)
     job_s = time.perf_counter() - start
@@ -171,7 +174,7 @@ def _config_command(args: argparse.Namespace) -> int:
     from circuitray.training import ZooConfig
 
     path = resolve_config(args.config)
-    loaded = yaml.safe_load(path.read_text()) if path.is_file() else None
+    loaded = yaml.safe_load(path.read_text())
     if isinstance(loaded, dict) and "grid" in loaded:  # a demo-zoo config (jobs/train_zoo.py)
         cfg = load_config(ZooConfig, path, args.overrides)
     else:

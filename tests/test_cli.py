@@ -95,6 +95,17 @@ def test_a_local_file_beats_the_shipped_config_of_the_same_name(tmp_path, monkey
     (tmp_path / "conf" / "demo.yaml").write_text("manifest: mine.csv\n")
     assert cli.resolve_config("conf/demo.yaml") == Path("conf/demo.yaml")  # as typed
     assert cli.resolve_config("demo").resolve() == (tmp_path / "conf" / "demo.yaml").resolve()
+    # without its suffix too: `conf/demo` is the local file, not the shipped namesake
+    assert cli.resolve_config("conf/demo").resolve() == (tmp_path / "conf" / "demo.yaml").resolve()
+
+
+def test_a_folder_is_not_a_config(tmp_path, monkeypatch) -> None:
+    from circuitray.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "conf").mkdir()
+    with pytest.raises(ConfigError, match="conf: not a config file"):
+        cli.resolve_config("conf")
 
 
 @pytest.mark.parametrize("name", ["elsewhere/demo.yaml", "no-such-config"])
