@@ -359,3 +359,19 @@ def test_circuit_figure_reads_its_edges_only_from_bytes_matching_the_marker(
     with pytest.raises(StaleResultError, match=r"\.parquet: damaged"):
         figures(layout, models.iloc[:0], models, {}, cfg, pd.read_csv(cfg.manifest), {}, [],
                 fig_dir=tmp_path, edges_checksums=wrong)
+
+
+@pytest.mark.slow
+def test_an_earlier_runs_evaluation_table_not_written_again_is_removed(
+        tasks_job: PipelineResult) -> None:
+    """A table this reduce no longer produces (here: the motif of a task gone from the
+    manifest) must not stay beside the current ones, where it would read as current."""
+    from circuitray.runtime.reduce import run_reduce
+
+    layout = JobLayout.of(tasks_job.config.output_dir)
+    gone = layout.evaluation / "motif_weights_gone-task.parquet"
+    shutil.copy(next(iter(layout.evaluation.glob("*.parquet"))), gone)
+    again = run_reduce(tasks_job.config, force=True)
+    assert not gone.exists()
+    assert {p.name for p in layout.evaluation.glob("*.parquet")} == {
+        Path(p).name for p in again.tables.values() if Path(p).parent == layout.evaluation}

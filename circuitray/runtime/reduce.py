@@ -457,6 +457,15 @@ def _per_checkpoint(layout: JobLayout, domains: pd.DataFrame, cfg: JobConfig
     return out
 
 
+def _remove_unwritten(folder: storage.AnyPath, written: set[storage.AnyPath]) -> None:
+    """Delete the tables in `folder` this run did not write (a motif of a task gone from the
+    manifest, DDB over training without OOD rows, ...): an earlier run's table left beside
+    this run's would be read as current."""
+    for old in storage.list_files(folder, ".parquet"):
+        if old not in written:
+            storage.delete(old)
+
+
 def write_reduce_failures(layout: JobLayout, failures: pd.DataFrame) -> None:
     """failures/reduce/<checkpoint>.parquet per checkpoint with a failure in this run; files
     left by earlier runs are removed, so a checkpoint that now reduces cleanly has none."""
@@ -467,9 +476,7 @@ def write_reduce_failures(layout: JobLayout, failures: pd.DataFrame) -> None:
         first = rows["error"].iloc[0].splitlines()[0]
         log.warning(f"[reduce] {cid}: {len(rows)} metric failure(s), NaN in metrics/ with a "
                     f"reason; first: {first}")
-    for old in storage.list_files(layout.reduce_failure_file("-").parent, ".parquet"):
-        if old not in keep:
-            storage.delete(old)
+    _remove_unwritten(layout.reduce_failure_file("-").parent, keep)
 
 
 def _join_reasons(columns: pd.DataFrame) -> pd.Series:
@@ -1168,8 +1175,7 @@ def run_reduce(cfg: JobConfig, *, force: bool = False) -> ReduceResult:
         evals = {**evals, "ddb_over_training": runs}
         result.tables["ddb_over_training"] = write_parquet_atomic(
             runs, layout.evaluation / "ddb_over_training.parquet")
-    else:  # no OOD rows any more: no table left from an earlier run
-        storage.delete(layout.evaluation / "ddb_over_training.parquet")
+    _remove_unwritten(layout.evaluation, set(result.tables.values()))
     result.frames = {"domains": frame, "models": models, **evals,
                      "reduce_failures": reduce_failures}
     if isinstance(motif.get("summary"), pd.DataFrame):
