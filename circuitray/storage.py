@@ -257,6 +257,30 @@ def write_text(path: str | os.PathLike | ObjectPath, text: str) -> AnyPath:
     return write_bytes(path, text.encode("utf-8"))
 
 
+def create_if_absent(path: ObjectPath, data: bytes) -> bool | None:
+    """Create an object only if no object has its name, atomically (a conditional PUT,
+    If-None-Match: *): True when created, False when it existed, None when this store (or
+    this installation: S3 through boto3 only) offers no such write."""
+    if path.scheme != "s3":
+        return None
+    try:
+        import boto3
+        from botocore.exceptions import ClientError
+    except ImportError:
+        return None
+    bucket, _, key = path.uri.split("://", 1)[1].partition("/")
+    try:
+        boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+            return False
+        if code in ("NotImplemented", "501"):
+            return None
+        raise OSError(f"{path}: {exc}") from exc
+    return True
+
+
 def temporary_name(path: Path) -> Path:
     """Where a local write goes before its rename: `.<name>.<uuid>.tmp` beside it."""
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")

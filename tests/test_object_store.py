@@ -148,6 +148,27 @@ def test_job_lock_on_s3_is_a_conditional_put_that_a_second_job_cannot_take(s3: _
         pass
 
 
+def test_a_tasks_class_map_on_s3_has_one_first_writer_even_when_two_race(
+        s3: _Gate, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two checkpoints of a task that both see no stored map (they checked at once) must not
+    both pass: the conditional PUT lets one win and the other compare against it. A damaged
+    stored map is an error naming the object."""
+    from circuitray.data.classes import ClassMap, read_stored_class_map, store_class_map
+    from circuitray.errors import DataError
+
+    path = f"s3://{BUCKET}/maps/classes/toy.json"
+    first, other = ClassMap(("cat", "dog"), "manifest"), ClassMap(("dog", "cat"), "folders")
+    monkeypatch.setattr(storage, "exists", lambda p: False)  # both looked before either wrote
+    store_class_map(path, "toy", first)
+    store_class_map(path, "toy", first)  # the same map again is fine
+    with pytest.raises(DataError, match=r"toy\.json.*labelled with \['cat', 'dog'\]"):
+        store_class_map(path, "toy", other)
+    assert read_stored_class_map(storage.as_path(path)) == first
+    storage.write_text(storage.as_path(path), "{not json")
+    with pytest.raises(DataError, match=r"toy\.json: unreadable stored class map"):
+        store_class_map(path, "toy", first)
+
+
 def test_experiment_takes_an_object_store_artifact_location_and_an_existing_one_is_named(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A URI artifact root is the location itself (not a local `s3:` folder); an experiment

@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from circuitray.data.image_list import (
     is_image_list,
@@ -41,6 +41,9 @@ from circuitray.data.image_list import (
 )
 from circuitray.data.listing import IMAGE_SUFFIXES
 from circuitray.errors import CheckpointError, DataError
+
+if TYPE_CHECKING:
+    from circuitray.storage import AnyPath, ObjectPath
 
 
 @dataclass(frozen=True)
@@ -226,42 +229,23 @@ def list_class_map(row: Mapping[str, Any], cfg_data: Any, source: str | os.PathL
     return class_map
 
 
-def store_class_map(path: str | os.PathLike, task: str, class_map: ClassMap) -> Path:
+def store_class_map(path: str | os.PathLike, task: str, class_map: ClassMap) -> AnyPath:
     """Write the task's map once; a different map for the same task later is a DataError.
 
-    The first writer wins atomically (hard link of a complete temporary file), so two
-    checkpoints of a task finishing together cannot both think they wrote it.
+    The first writer wins atomically, so two checkpoints of a task finishing together cannot
+    both think they wrote it: a hard link of a complete temporary file on a filesystem, a
+    conditional PUT (`storage.create_if_absent`) on an object store that has one.
     """
     from circuitray import storage
 
     record = {"task": task, "classes": list(class_map.names), "source": class_map.source}
-    if storage.is_remote(path):  # an object store has no link: written if absent, compared
+    if storage.is_remote(path):
         path = storage.as_path(path)
-        if not storage.exists(path):
-            storage.write_text(path, json.dumps(record, indent=1))
-        stored = json.loads(storage.read_text(path))
-        if list(stored["classes"]) != record["classes"]:
-            raise DataError(path, f"task '{task}' was labelled with {stored['classes']}, now "
-                                  f"{record['classes']}; labels of its checkpoints would not "
-                                  "agree. Fix the data, or delete this file and the task's "
-                                  "outputs to relabel")
-        return path
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    try:
-        try:
-            os.link(tmp, path)
-            return path
-        except FileExistsError:
-            pass
-        except OSError:  # a filesystem without hard links: rename, then compare below
-            if not path.exists():
-                os.replace(tmp, path)
-                return path
-    finally:
-        tmp.unlink(missing_ok=True)
+        data = json.dumps(record, indent=1)
+        if storage.create_if_absent(path, data.encode()) is None and not storage.exists(path):
+            storage.write_text(path, data)  # no conditional write on this store: best effort
+    elif _link_once(Path(path), json.dumps(record, indent=1)):
+        return Path(path)
     stored = read_stored_class_map(path)
     if stored.names != class_map.names:
         raise DataError(path, f"task '{task}' was labelled with {list(stored.names)} (from "
@@ -272,11 +256,33 @@ def store_class_map(path: str | os.PathLike, task: str, class_map: ClassMap) -> 
     return path
 
 
-def read_stored_class_map(path: str | os.PathLike) -> ClassMap:
-    """The map `store_class_map` wrote."""
-    path = Path(path)
+def _link_once(path: Path, text: str) -> bool:
+    """Create `path` holding `text` unless it exists (hard link of a complete temporary file,
+    or a rename where links are not supported); True when this call created it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text)
     try:
-        record = json.loads(path.read_text())
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links: rename, then compare
+            if not path.exists():
+                os.replace(tmp, path)
+                return True
+            return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_stored_class_map(path: str | os.PathLike | ObjectPath) -> ClassMap:
+    """The map `store_class_map` wrote (a local file or an object)."""
+    from circuitray import storage
+
+    try:
+        record = json.loads(storage.read_text(path))
         return ClassMap(tuple(record["classes"]), str(record["source"]))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(path, f"unreadable stored class map: {exc}") from exc

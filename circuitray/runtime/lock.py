@@ -32,7 +32,7 @@ from typing import TextIO
 from circuitray import storage
 from circuitray.errors import JobLockedError, OutputError
 from circuitray.procinfo import ProcessId
-from circuitray.storage import ObjectPath
+from circuitray.storage import ObjectPath, create_if_absent
 
 log = logging.getLogger(__name__)
 
@@ -221,27 +221,3 @@ def _create_guard(guard: Path | ObjectPath) -> bool:
         return False
     except OSError as exc:
         raise OutputError.from_os_error(guard, exc) from exc
-
-
-def create_if_absent(path: ObjectPath, data: bytes) -> bool | None:
-    """Create an object only if no object has its name, atomically (a conditional PUT,
-    If-None-Match: *): True when created, False when it existed, None when this store (or
-    this installation: S3 through boto3 only) offers no such write."""
-    if path.scheme != "s3":
-        return None
-    try:
-        import boto3
-        from botocore.exceptions import ClientError
-    except ImportError:
-        return None
-    bucket, _, key = path.uri.split("://", 1)[1].partition("/")
-    try:
-        boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-    except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
-            return False
-        if code in ("NotImplemented", "501"):
-            return None
-        raise OSError(f"{path}: {exc}") from exc
-    return True
