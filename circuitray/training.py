@@ -175,6 +175,12 @@ def expand_grid(config: ZooConfig) -> list[dict[str, Any]]:
     """One spec (plain dict, safe to ship to a Ray worker) per configuration to train: the
     grid's product per task, or a regime-balanced sample of `config.sample` per task."""
     g = config.grid
+    if config.sample is not None and config.sample < 1:
+        raise ConfigError(f"sample: {config.sample} models per task; use a number >= 1, or "
+                          "null for the whole grid")
+    if not 0.0 <= config.intermediate_fraction <= 1.0:
+        raise ConfigError(f"intermediate_fraction: {config.intermediate_fraction} is outside "
+                          "[0, 1]")
     by_task: dict[str, list[dict[str, Any]]] = {}
     seen = set()
     for task, rho, regime, lr, epochs, wd, aug, ls, frac, depth, seed in itertools.product(

@@ -197,6 +197,9 @@ def test_demo_zoo_is_48_fine_tunes_per_task_over_every_regime() -> None:
     ("grid.regime=[last9]", "grid.regime"),
     ("grid.regime=[frozen]", "grid.regime"),
     ("grid.train_fraction=[0]", "grid.train_fraction"),
+    ("sample=0", "sample: 0 models per task"),
+    ("intermediate_fraction=5", "intermediate_fraction: 5"),
+    ("intermediate_fraction=-1", "intermediate_fraction: -1"),
 ])
 def test_bad_fine_tune_settings_name_the_key(override: str, key: str) -> None:
     config = load_config(ZooConfig, DEMO, ["grid.depth=[8]", override])
