@@ -119,6 +119,23 @@ def test_a_changed_backbone_file_retrains_backbone_and_fine_tunes(mini_zoo, tmp_
     assert "pretraining backbone-d3-" in out and "0 reused, 3 to train" in out
 
 
+def test_a_moved_zoo_lists_its_backbone_with_the_data_as_seen_from_there(mini_zoo,
+                                                                        tmp_path) -> None:
+    """backbone.csv, like manifest.csv, gives data_root relative to where the zoo is now."""
+    import shutil
+
+    config, zoo, _ = mini_zoo
+    moved = tmp_path / "deeper" / "zoo"
+    shutil.copytree(zoo, moved)
+    train_zoo(config, moved, executor="inline", stream=io.StringIO())
+    for name in ("backbone.csv", "manifest.csv"):
+        row = read_manifest(moved / name).iloc[0]
+        assert (moved / row["data_root"]).resolve().is_dir(), name
+    backbone = read_manifest(moved / "backbone.csv").iloc[0]
+    assert (moved / backbone["data_root"]).resolve() == \
+        (Path(config.data_root) / demo.PRETRAIN_TASK).resolve()
+
+
 def test_backbone_spec_changes_with_the_corpus_rendering(monkeypatch) -> None:
     """A backbone trained on an earlier rendering of pretrain-mix must not be reused."""
     import circuitray.training as training

@@ -92,7 +92,8 @@ def prepare_backbones(config: ZooConfig, specs: list[dict[str, Any]], out: Path,
             say(f"[train_zoo] {spec['checkpoint_id']}: reused")
         _write_csv_atomic(pd.DataFrame(record["curve"]),
                           out / "backbone" / f"{spec['checkpoint_id']}.curve.csv")
-        rows.append(record["row"])
+        # data_root relative to this folder as it is now, as for the models' rows below
+        rows.append({**record["row"], "data_root": os.path.relpath(data_dir, out)})
     if rows:
         _write_csv_atomic(pd.DataFrame(rows), out / "backbone.csv")
 
