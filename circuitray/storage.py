@@ -298,13 +298,6 @@ def delete(path: str | os.PathLike | ObjectPath) -> None:
             fs.delete_file(key)
 
 
-def make_folder(path: str | os.PathLike | ObjectPath) -> None:
-    """Create a local folder (and its parents); an object store needs none."""
-    p = as_path(path)
-    if isinstance(p, Path):
-        p.mkdir(parents=True, exist_ok=True)
-
-
 @contextlib.contextmanager
 def local_copies(paths: list[AnyPath]) -> Iterator[list[Path]]:
     """Local files for tools that take only local paths (MLflow's `log_artifact`): a local

@@ -445,7 +445,6 @@ def _train(spec: dict[str, Any], task_dir: Path, out_dir: Path) -> dict[str, Any
                          accuracy(model, x_id, y_id, eval_bs),
                          accuracy(model, x_ood, y_ood, eval_bs), rel_data, len(classes),
                          time.monotonic() - start))
-        model.train()
 
     _fit(model, params, x_tr, y_tr, spec, gen, save_checkpoint)
     record = {"checkpoint_id": cid, "spec": spec, "rows": rows, "error": None,
@@ -478,7 +477,6 @@ def pretrain_backbone(spec: dict[str, Any], task_dir: str | os.PathLike,
         curve.append({"epoch": epoch, "loss": loss, "val_acc": accuracy(model, x_val, y_val,
                                                                        eval_bs),
                       "seconds": time.monotonic() - start})
-        model.train()
 
     _fit(model, trainable(model, "full"), x_tr, y_tr, {**spec, "augment": "shift"}, gen,
          log_epoch)

@@ -158,7 +158,7 @@ def test_attribute_counts_the_plain_runs_it_reused() -> None:
 def test_summing_gradients_over_ig_points_changes_no_score(monkeypatch, rows, family) -> None:
     """Destinations whose gradients are summed over the IG points (within IG_SUM_BYTES: none,
     the logits, the last block (two for the smaller batch), all) score as when contracted
-    point by point, for every family (the sums are of what its adapter's read_grads gives)."""
+    point by point, for every family (the sums are of what its adapter's read-gradient methods give)."""
     import circuitray.attribution as attribution
 
     model, x = FAMILY_MODELS[family](depth=3), images(n=6)

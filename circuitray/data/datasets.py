@@ -86,11 +86,10 @@ def eval_transform(model: torch.nn.Module) -> ImageTransform:
                           interpolation=str(cfg.get("interpolation", "bicubic")))
 
 
-def _decode(data: bytes | str | Path, where: str) -> Image.Image:
+def _decode(data: bytes, where: str) -> Image.Image:
     """Open and fully decode an image, or raise DataError naming where it came from."""
     try:
-        src = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-        with Image.open(src) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
             return img.copy()
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
@@ -138,10 +137,6 @@ class _ImageDataset(Dataset):
     def _source(self, index: int) -> tuple[bytes | Path, int, str, str]:
         """The item's encoded image (bytes or a file), label, domain and where it is from."""
         raise NotImplementedError
-
-    def _load(self, index: int) -> tuple[Image.Image, int, str]:
-        data, label, domain, where = self._source(index)
-        return _decode(data, where), label, domain
 
     def unit(self, index: int) -> tuple[torch.Tensor, int, str]:
         """The item as a [0, 1] image at the model's resolution, before normalization."""

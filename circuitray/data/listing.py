@@ -88,14 +88,10 @@ def _undecodable(listing: Listing | ListedDomain) -> list[tuple[str, str]]:
     return bad
 
 
-def unreadable_images(listing: Listing | ListedDomain) -> list[str]:
-    """'path: reason' ('list row N (path): reason' for an image list) for every image of the
-    listing that does not fully decode."""
-    return [f"{listing.describe(Path(p))}: {why}" for p, why in _undecodable(listing)]
-
-
 def validate_listing(listing: Listing | ListedDomain, cache_dir: Path | None = None) -> list[str]:
-    """`unreadable_images`, remembered per listing digest so a re-run does not decode again.
+    """'path: reason' ('list row N (path): reason' for an image list) for every image of the
+    listing that does not fully decode, remembered per listing digest so a re-run does not
+    decode again.
 
     The cache keeps paths, not messages: a list row's number can move (rows of another
     domain inserted above) without changing this domain's digest.

@@ -52,7 +52,8 @@ class Record:
     final: torch.Tensor | None = None                          # final residual stream
 
     def read_points(self) -> list[torch.Tensor]:
-        """Tensors to differentiate M by, in the order `FamilyAdapter.read_grads` expects."""
+        """Tensors to differentiate M by, in the order the adapter's `head_read_factors`,
+        `mlp_read_grad` and `logits_read_grad` index their gradients."""
         return [*self.qkv, *self.n2, self.final]
 
 
@@ -117,6 +118,9 @@ class FamilyAdapter(ABC):
                           dtype: torch.dtype) -> HeadFactors:
         """Block `layer`'s q/k/v destinations' gradients at one point, in factored form.
 
+        The family owns the backward of whatever sits between the residual stream and the
+        read point (norms, q/k/v weights): what comes out are the destinations' gradients as
+        such, with nothing else in (the engine sums them over points).
         `grads` are the gradients of `rec.read_points()`. `head_read_grads` turns factors
         into the gradients; the engine may first sum `gr` over EAP-IG's points (it enters
         linearly) and stack the points' `m` and `xh`, so one expensive product per batch
@@ -134,19 +138,6 @@ class FamilyAdapter(ABC):
     def mlp_read_grad(self, rec: Record, grads: Sequence[torch.Tensor], layer: int,
                       dtype: torch.dtype) -> torch.Tensor:
         """The MLP destination's ∂M/∂(residual) [N, T, D] as block `layer` reads it."""
-
-    def read_grads(self, rec: Record, grads: Sequence[torch.Tensor], layer: int,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """∂M/∂(residual stream) as block `layer`'s destinations read it, at one point.
-
-        Returns the q/k/v destinations' [3H, N·T, D] and the MLP destination's [N, T, D],
-        in `dtype`: the family owns the backward of whatever sits between the residual
-        stream and the read point (norms, q/k/v weights); they must be the destinations'
-        gradients as such, with nothing else in (the engine sums them over points).
-        """
-        f = self.head_read_factors(rec, grads, layer, dtype)
-        heads = self.head_read_grads(layer, f.gr, f.m.unsqueeze(0), f.xh.unsqueeze(0))
-        return heads, self.mlp_read_grad(rec, grads, layer, dtype)
 
     def logits_read_grad(self, rec: Record, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """∂M/∂(final residual stream) [N, T, D]: `final` is itself a read point."""

@@ -1,7 +1,7 @@
 """The timm `VisionTransformer` family: pre-norm blocks read through timm's own modules.
 
 The family decides the block walk (`model.blocks`, timm `Block`), the norms and their
-backward (affine LayerNorm `norm1`/`norm2`, pulled back analytically in `read_grads`), the
+backward (affine LayerNorm `norm1`/`norm2`, pulled back analytically in `head_read_factors` and `mlp_read_grad`), the
 q/k/v weights (`attn.qkv`), the extra tokens (class and register tokens, added by timm's
 `_pos_embed`) and the readout (`norm`, then timm's own `forward_head`: pool, fc_norm, head).
 Subclasses (`deit_distilled`) change what differs and inherit the rest.

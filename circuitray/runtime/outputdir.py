@@ -14,22 +14,14 @@ import logging
 import os
 import shutil
 import uuid
-from pathlib import Path
 
 from circuitray import storage
 from circuitray.errors import OutputError
 from circuitray.storage import SCHEMES, AnyPath, ObjectPath
-from circuitray.storage import uri_scheme as uri_scheme
 
 log = logging.getLogger(__name__)
 
 LOW_SPACE_BYTES = 256 * 2**20  # below this a warning is printed; a full disk fails on write
-
-
-def local_path(path: str | os.PathLike) -> str:
-    """`file:///abs/run` -> `/abs/run`; other text unchanged."""
-    text = os.fspath(path)
-    return text.removeprefix("file://")
 
 
 def check_remote_output_dir(root: ObjectPath) -> ObjectPath:
@@ -54,8 +46,7 @@ def check_output_dir(path: str | os.PathLike | ObjectPath) -> AnyPath:
     where = storage.as_path(path)
     if isinstance(where, ObjectPath):
         return check_remote_output_dir(where)
-    text = os.fspath(where)
-    root = Path(local_path(text)).expanduser().resolve()
+    root = where.expanduser().resolve()  # as_path already took off a file:// prefix
     for part in (root, *root.parents):
         if part.exists() or part.is_symlink():
             if not part.is_dir():
