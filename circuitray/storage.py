@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import stat as stat_mod
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -186,7 +187,7 @@ def stat(path: str | os.PathLike | ObjectPath) -> tuple[int, int] | None:
             st = p.stat()
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return (st.st_size, st.st_mtime_ns) if p.is_file() else None
+        return (st.st_size, st.st_mtime_ns) if stat_mod.S_ISREG(st.st_mode) else None
     fs, key = _remote(p)
     info = fs.get_file_info(key)
     if info.type != pafs.FileType.File:

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import re
+import stat as stat_mod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,7 +216,7 @@ class ListedDomain:
     def folder(self) -> str:  # what the validation message names
         return f"{self.source} domain '{self.domain}'"
 
-    @property
+    @functools.cached_property  # planning asks once per checkpoint of the list's task
     def digest(self) -> str:
         h = hashlib.sha256(b"image-list\n")
         for r, (size, mtime) in zip(self.rows, self.stats, strict=True):
@@ -244,7 +245,7 @@ def list_listed_domain(source: str | os.PathLike, domain: str) -> ListedDomain:
             missing.append(f"row {r.row}: image file '{r.path}' ({r.file}): "
                            f"{exc.strerror or exc}")
             continue
-        if not r.file.is_file():
+        if not stat_mod.S_ISREG(st.st_mode):  # (the stat in hand, not a second one)
             missing.append(f"row {r.row}: '{r.path}' ({r.file}) is not a file")
             continue
         stats.append((st.st_size, st.st_mtime_ns))

@@ -11,6 +11,7 @@ with all the others, instead of failing every checkpoint after it loaded its mod
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -33,7 +34,7 @@ class Listing:
     folder: Path
     files: tuple[tuple[str, int, int], ...]
 
-    @property
+    @functools.cached_property  # planning asks once per checkpoint of the folder's task
     def digest(self) -> str:
         h = hashlib.sha256()
         for rel, size, mtime in self.files:
