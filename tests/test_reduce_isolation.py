@@ -359,6 +359,9 @@ def test_circuit_figure_reads_its_edges_only_from_bytes_matching_the_marker(
     with pytest.raises(StaleResultError, match=r"\.parquet: damaged"):
         figures(layout, models.iloc[:0], models, {}, cfg, pd.read_csv(cfg.manifest), {}, [],
                 fig_dir=tmp_path, edges_checksums=wrong)
+    with pytest.raises(StaleResultError, match=r"\.parquet: no checksum recorded"):
+        figures(layout, models.iloc[:0], models, {}, cfg, pd.read_csv(cfg.manifest), {}, [],
+                fig_dir=tmp_path, edges_checksums={})
 
 
 @pytest.mark.slow

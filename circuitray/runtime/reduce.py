@@ -849,10 +849,18 @@ def figures(layout: JobLayout, frame: pd.DataFrame, models: pd.DataFrame,
                                      title=title))
     if not final.empty:
         task, cid, dom = final.iloc[0][["task", "checkpoint", "domain"]]
+
+        def circuit_edges() -> pd.DataFrame:
+            path = str(layout.edges_file(task, cid, dom))
+            checksum = (edges_checksums or {}).get((cid, dom))
+            if checksum is None:  # never drawn unverified
+                raise StaleResultError(f"{path}: no checksum recorded for it in its "
+                                       "checkpoint's marker; run discover again")
+            return _read_table(path, checksum).to_pandas()
+
         draw("circuit", lambda: plots.circuit_drawing(
-            _read_table(str(layout.edges_file(task, cid, dom)),
-                        (edges_checksums or {})[(cid, dom)]).to_pandas(),
-            fig_dir / "circuit.png", top_n=40, title=f"circuit of {cid} on {dom} (top 40 edges)"))
+            circuit_edges(), fig_dir / "circuit.png", top_n=40,
+            title=f"circuit of {cid} on {dom} (top 40 edges)"))
     return paths
 
 
