@@ -87,9 +87,12 @@ def default_tracking_uri(folder: str | os.PathLike) -> str:
     """A sqlite store in a local folder, by absolute path: the job's output folder, or for
     an object-store output its local folder (`JobLayout.local`): sqlite needs a file system
     with locks, which a bucket is not."""
-    if "://" in os.fspath(folder) and not os.fspath(folder).startswith("file://"):
+    from circuitray.storage import as_path
+
+    root = as_path(folder)
+    if not isinstance(root, Path):
         raise ValueError(f"{folder}: an MLflow sqlite store needs a local folder")
-    return f"sqlite:///{Path(os.fspath(folder).removeprefix('file://')).resolve() / 'mlflow.db'}"
+    return f"sqlite:///{root.resolve() / 'mlflow.db'}"
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -317,13 +317,12 @@ class JobPlan:
 
 
 def read_marker(layout: JobLayout, checkpoint: str) -> dict[str, dict[str, Any]]:
-    """The checkpoint's marker rows by domain ({} when there is none or it is unreadable)."""
+    """The checkpoint's marker rows by domain: {} when there is none or it does not parse
+    (recompute); a marker that cannot be read at all (permissions, the store) raises."""
     path = layout.marker(checkpoint)
     try:
         data = storage.read_bytes(path)
-    except FileNotFoundError:
-        return {}
-    except IsADirectoryError:
+    except (FileNotFoundError, IsADirectoryError):
         return {}
     try:
         rows = pq.read_table(pa.BufferReader(data)).to_pylist()
